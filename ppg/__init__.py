@@ -1,0 +1,1 @@
+"""Partial Policy Gradients for multi-turn LLM conversational agents."""
