@@ -1,0 +1,80 @@
+"""The partial policy gradient as a token-level loss.
+
+    grad = E[ sum_t grad log pi(a_t | s_t) * advantage[t] ]
+
+log pi(a_t | s_t) is the sum of the log-probs of the agent's own tokens in turn t; system, persona and
+user tokens are context, not actions, and are masked out. Minimising the loss below ascends the
+estimate above. Shapes: B sequences of L tokens, T turns per episode.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ppg.objectives import ObjectiveInputError
+
+# sequence_mean: sum over an episode's agent tokens, mean over episodes. Exactly the estimator
+#   above, unbiased; long answers weigh more (as the math says they should).
+# token_mean: sum over all agent tokens / number of agent tokens in the batch. A positive rescaling
+#   of the same direction when the token count is fixed; when lengths vary it is what DAPO-style
+#   trainers use, and it is no longer exactly unbiased.
+LossReduction = Literal["sequence_mean", "token_mean"]
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log pi(x_i | x_<i) for each token -> [B, L]; the first token has no prediction and gets 0."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, L-1, V]
+    picked = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [B, L-1]
+    return torch.cat([torch.zeros_like(picked[:, :1]), picked], dim=1)  # [B, L]
+
+
+def turn_logprobs(logprobs: Tensor, agent_mask: Tensor, token_turn: Tensor, num_turns: int) -> Tensor:
+    """Sum of the agent's token log-probs per turn: log pi(a_t | s_t) -> [B, T]."""
+    check_token_batch(logprobs, agent_mask, token_turn, num_turns)
+    per_turn = torch.zeros(logprobs.shape[0], num_turns, dtype=logprobs.dtype, device=logprobs.device)
+    own = torch.where(agent_mask, logprobs, torch.zeros_like(logprobs))  # [B, L]
+    return per_turn.scatter_add(1, token_turn.clamp(0, num_turns - 1), own)
+
+
+def policy_gradient_loss(
+    logprobs: Tensor,  # [B, L] log-prob of each sampled token under the current policy
+    agent_mask: Tensor,  # [B, L] bool: True on the agent's own response tokens
+    token_turn: Tensor,  # [B, L] long: the turn t each token belongs to (any value off the agent mask)
+    advantages: Tensor,  # [B, T] G - b from Objective.advantages (detached)
+    reduction: LossReduction = "sequence_mean",
+) -> Tensor:
+    """-(1/N) sum_tokens log pi(token) * advantage[turn of token], over the agent's tokens only."""
+    B, T = advantages.shape
+    check_token_batch(logprobs, agent_mask, token_turn, T)
+    token_advantage = advantages.detach().gather(1, token_turn.clamp(0, T - 1))  # [B, L]
+    weighted = torch.where(agent_mask, logprobs * token_advantage, torch.zeros_like(logprobs))  # [B, L]
+    if reduction == "sequence_mean":
+        return -weighted.sum() / B
+    if reduction == "token_mean":
+        return -weighted.sum() / agent_mask.sum().clamp(min=1)
+    raise ObjectiveInputError(f"learner.loss_reduction must be 'sequence_mean' or 'token_mean', got {reduction!r}")
+
+
+def check_token_batch(logprobs: Tensor, agent_mask: Tensor, token_turn: Tensor, num_turns: int) -> None:
+    if logprobs.ndim != 2:
+        raise ObjectiveInputError(f"logprobs must be [B, L], got shape {tuple(logprobs.shape)}")
+    for name, x in (("agent_mask", agent_mask), ("token_turn", token_turn)):
+        if x.shape != logprobs.shape:
+            raise ObjectiveInputError(
+                f"{name} has shape {tuple(x.shape)}, expected the logprobs' shape {tuple(logprobs.shape)}"
+            )
+    if agent_mask.dtype != torch.bool:
+        raise ObjectiveInputError(f"agent_mask must be bool, got {agent_mask.dtype}")
+    turns = token_turn[agent_mask]
+    if turns.numel() and (turns.min() < 0 or turns.max() >= num_turns):
+        raise ObjectiveInputError(
+            f"token_turn on agent tokens must lie in 0..{num_turns - 1} (the advantages have "
+            f"{num_turns} turns), got {int(turns.min())}..{int(turns.max())}"
+        )
+    bad = agent_mask & ~torch.isfinite(logprobs)
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise ObjectiveInputError(f"logprob of agent token {i} in sequence {b} is {logprobs[b, i].item()}")
