@@ -252,7 +252,7 @@ def segment_ids_from_boundaries(boundaries: Sequence[Sequence[int]], lengths: Se
                 f"episode {b}: segment boundaries {starts} must be strictly increasing"
             )
         for s in starts:
-            ids[b, s:] += 1
+            ids[b, s:length] += 1  # padding keeps id 0; it is never credited
     return ids
 
 

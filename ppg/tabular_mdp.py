@@ -77,11 +77,12 @@ def random_mdp(seed: int = 0, states: int = 3, actions: int = 3, horizon: int = 
                end_action: bool = True, boundaries: tuple[int, ...] = (2,)) -> TabularConversationMDP:
     """A generic MDP: action-dependent transitions and rewards, noisy rewards, optional ending."""
     g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.double)  # noqa: E731
     return TabularConversationMDP(
-        init=torch.softmax(torch.randn(states, generator=g), 0).double(),
-        transition=torch.softmax(2 * torch.randn(states, actions, states, generator=g), -1).double(),
-        reward_mean=torch.randn(states, actions, generator=g).double(),
-        reward_std=(0.5 + torch.rand(states, actions, generator=g)).double(),
+        init=torch.softmax(randn(states), 0),
+        transition=torch.softmax(2 * randn(states, actions, states), -1),
+        reward_mean=randn(states, actions),
+        reward_std=0.5 + torch.rand(states, actions, generator=g, dtype=torch.double),
         horizon=horizon,
         end_action=actions - 1 if end_action else None,
         segment_boundaries=boundaries,

@@ -1,0 +1,204 @@
+"""One configuration tree for every command: YAML file + ``key.sub=value`` overrides -> validated models.
+
+Every section forbids unknown keys, so a typo fails loudly with its path instead of being ignored.
+Variants (policy class, baseline) are picked with ``type:`` and validated as discriminated unions.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from ppg.objectives import Baseline, Objective, PolicyClass
+
+EMBEDDED_MODEL = "embedded:tiny"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """The policy: the embedded tiny model by default, or any Hugging Face causal LM path / hub name."""
+
+    name_or_path: str = Field(
+        default=EMBEDDED_MODEL,
+        description=f"'{EMBEDDED_MODEL}' (built locally, offline), a local HF folder, or a hub name",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_model_len: PositiveInt = Field(default=1024, description="context length in tokens")
+    trust_remote_code: bool = Field(default=False, description="run code shipped with the model; off for safety")
+
+
+class ProblemConfig(Section):
+    """Which persona-alignment problem to train on (the problem registry arrives with ppg.env)."""
+
+    name: str = Field(default="myopic", min_length=1)
+    num_turns: PositiveInt = Field(default=4, description="agent turns per conversation (the horizon T)")
+    segment_boundaries: list[int] | None = Field(
+        default=None, description="turns where a new segment starts; None = the problem's own"
+    )
+    reward_scale: float = Field(default=1.0, gt=0)
+    personas_file: Path | None = Field(default=None, description="JSONL/YAML persona file; None = shipped set")
+
+    @model_validator(mode="after")
+    def _boundaries_inside(self) -> ProblemConfig:
+        b = self.segment_boundaries
+        if b is not None:
+            if any(not 0 < s < self.num_turns for s in b):
+                raise ValueError(
+                    f"segment_boundaries {b} must lie in 1..{self.num_turns - 1} (num_turns={self.num_turns})"
+                )
+            if any(x >= y for x, y in zip(b, b[1:], strict=False)):
+                raise ValueError(f"segment_boundaries {b} must be strictly increasing")
+        return self
+
+
+class RolloutConfig(Section):
+    num_workers: PositiveInt = Field(default=1, description="vLLM rollout actors; resizable during a run")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    episodes_per_iteration: PositiveInt = 16
+    group_size: PositiveInt = Field(default=4, description="conversations per persona (group baseline)")
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens_per_turn: PositiveInt = 32
+
+    @model_validator(mode="after")
+    def _groups_divide_batch(self) -> RolloutConfig:
+        if self.episodes_per_iteration % self.group_size:
+            raise ValueError(
+                f"episodes_per_iteration ({self.episodes_per_iteration}) must be a multiple of "
+                f"group_size ({self.group_size})"
+            )
+        return self
+
+
+class LearnerConfig(Section):
+    num_workers: PositiveInt = Field(default=1, description="Ray Train (DDP) workers")
+    use_gpu: bool = False
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
+    max_staleness: int = Field(default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy")
+
+
+class ServeConfig(Section):
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="bind address; loopback unless you mean otherwise")
+    port: int = Field(default=8000, ge=1, le=65535)
+    num_replicas: PositiveInt = 1
+    max_tokens_limit: PositiveInt = Field(default=256, description="largest max_tokens a request may ask")
+
+
+class RunConfig(Section):
+    name: str = Field(default="default", min_length=1)
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    iterations: PositiveInt = 20
+    checkpoint_every: PositiveInt = 10
+    keep_last: PositiveInt = 3
+
+
+class PPGConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    problem: ProblemConfig = Field(default_factory=ProblemConfig)
+    objective: Objective = Field(default_factory=Objective)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field path and what it accepts."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PPGConfig:
+    """Defaults <- YAML file <- ``a.b.c=value`` overrides (values parsed as YAML scalars)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = read_yaml(Path(path))
+    for override in overrides or []:
+        raw = apply_override(raw, override)
+    try:
+        return PPGConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source=str(path) if path else "config")) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (model:, objective:, ...), got {type(data).__name__}")
+    return data
+
+
+def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
+    """Set one dotted key. Setting a ``type`` starts that sub-tree afresh: a new variant must not
+    inherit the old one's fields (k_step's ``k`` makes no sense for greedy)."""
+    key, sep, value_text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. objective.gamma=0.9")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
+    out = copy.deepcopy(raw)
+    *parents, leaf = key.split(".")
+    node = out
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
+        node = child
+    if leaf == "type" and node.get("type") != value:
+        node.clear()
+    node[leaf] = value
+    return out
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for err in error.errors():
+        path = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+        got = err.get("input")
+        got_text = "" if isinstance(got, dict) or err["type"] == "missing" else f" (got {got!r})"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {path}: unknown key; remove it or check its spelling{got_text}")
+        else:
+            lines.append(f"  {path}: {err['msg'].removeprefix('Value error, ')}{got_text}")
+    lines.append("Fix the file or override (e.g. ppg config show --config FILE objective.gamma=0.9).")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic puts the chosen variant's tag in the location ("objective.policy_class.k_step.k"); the
+    # user wrote "objective.policy_class.k", so drop it.
+    return isinstance(part, str) and part in _UNION_TAGS
+
+
+_UNION_TAGS = {
+    variant.model_fields["type"].default
+    for union in (PolicyClass, Baseline)
+    for variant in get_args(get_args(union)[0])
+}

@@ -1,0 +1,76 @@
+"""The token-level loss: agent tokens only, the turn's advantage on each, and its two reductions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ppg.loss import policy_gradient_loss, token_logprobs, turn_logprobs
+from ppg.objectives import ObjectiveInputError
+
+# One conversation, 8 tokens: [sys, user, A0, A0, user, A1, user, pad]
+AGENT = torch.tensor([[False, False, True, True, False, True, False, False]])
+TURN = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+
+
+def test_token_logprobs_are_next_token_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    lp = token_logprobs(logits, ids)
+    assert lp.shape == (2, 5) and torch.all(lp[:, 0] == 0)
+    for b in range(2):
+        for i in range(1, 5):
+            assert torch.isclose(lp[b, i], torch.log_softmax(logits[b, i - 1], -1)[ids[b, i]])
+
+
+def test_turn_logprobs_sum_only_the_agents_tokens_per_turn():
+    lp = torch.tensor([[-9.0, -9.0, -1.0, -2.0, -9.0, -3.0, -9.0, -9.0]])
+    assert turn_logprobs(lp, AGENT, TURN, 2).tolist() == [[-3.0, -3.0]]
+
+
+def test_loss_by_hand_and_user_tokens_get_no_gradient():
+    lp = torch.tensor([[-0.5, -0.7, -1.0, -2.0, -0.3, -3.0, -0.1, -0.2]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    loss = policy_gradient_loss(lp, AGENT, TURN, adv, "sequence_mean")
+    assert torch.isclose(loss, -torch.tensor((-1.0 - 2.0) * 2.0 + (-3.0) * -1.0))
+    loss.backward()
+    assert lp.grad.tolist() == [[0.0, 0.0, -2.0, -2.0, 0.0, 1.0, 0.0, 0.0]]
+
+
+def test_reductions():
+    g = torch.Generator().manual_seed(1)
+    lp = torch.randn(3, 8, generator=g)
+    agent = AGENT.expand(3, 8).clone()
+    agent[2, 5] = False  # 3 + 3 + 2 agent tokens
+    turn = TURN.expand(3, 8)
+    adv = torch.randn(3, 2, generator=g)
+    total = sum(lp[b, i] * adv[b, turn[b, i]] for b in range(3) for i in range(8) if agent[b, i])
+    assert torch.isclose(policy_gradient_loss(lp, agent, turn, adv, "sequence_mean"), -total / 3)
+    assert torch.isclose(policy_gradient_loss(lp, agent, turn, adv, "token_mean"), -total / 8)
+
+
+def test_advantages_are_not_differentiated():
+    lp = torch.zeros(1, 8, requires_grad=True)
+    adv = torch.ones(1, 2, requires_grad=True)
+    policy_gradient_loss(lp, AGENT, TURN, adv).backward()
+    assert adv.grad is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(logprobs=torch.zeros(8)), r"logprobs must be \[B, L\]"),
+        (dict(agent_mask=AGENT[:, :4]), "agent_mask has shape"),
+        (dict(agent_mask=AGENT.long()), "agent_mask must be bool"),
+        (dict(token_turn=TURN[:, :3]), "token_turn has shape"),
+        (dict(token_turn=TURN + 1), r"token_turn on agent tokens must lie in 0..1"),
+        (dict(logprobs=torch.full((1, 8), float("-inf"))), "logprob of agent token 2"),
+        (dict(reduction="mean"), "loss_reduction"),
+    ],
+)
+def test_bad_token_batches(kwargs, message):
+    args = dict(logprobs=torch.zeros(1, 8), agent_mask=AGENT, token_turn=TURN, advantages=torch.ones(1, 2))
+    args.update(kwargs)
+    with pytest.raises(ObjectiveInputError, match=message):
+        policy_gradient_loss(**args)
