@@ -22,11 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    config = commands.add_parser("config", help="inspect and validate configuration", epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    config = commands.add_parser(
+        "config",
+        help="inspect and validate configuration",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_commands.add_parser(
-        "show", help="print the resolved config (defaults <- file <- overrides) as YAML", epilog=EXAMPLES,
+        "show",
+        help="print the resolved config (defaults <- file <- overrides) as YAML",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(show)
@@ -36,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="YAML config file (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. objective.gamma=0.9 rollout.num_workers=2")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides, e.g. objective.gamma=0.9 rollout.num_workers=2",
+    )
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -31,7 +31,9 @@ class ModelConfig(Section):
     )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     max_model_len: PositiveInt = Field(default=1024, description="context length in tokens")
-    trust_remote_code: bool = Field(default=False, description="run code shipped with the model; off for safety")
+    trust_remote_code: bool = Field(
+        default=False, description="run code shipped with the model; off for safety"
+    )
 
 
 class ProblemConfig(Section):
@@ -43,7 +45,9 @@ class ProblemConfig(Section):
         default=None, description="turns where a new segment starts; None = the problem's own"
     )
     reward_scale: float = Field(default=1.0, gt=0)
-    personas_file: Path | None = Field(default=None, description="JSONL/YAML persona file; None = shipped set")
+    personas_file: Path | None = Field(
+        default=None, description="JSONL/YAML persona file; None = shipped set"
+    )
 
     @model_validator(mode="after")
     def _boundaries_inside(self) -> ProblemConfig:
@@ -87,7 +91,9 @@ class LearnerConfig(Section):
     warmup_steps: int = Field(default=0, ge=0)
     loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
-    max_staleness: int = Field(default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy")
+    max_staleness: int = Field(
+        default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy"
+    )
 
 
 class ServeConfig(Section):
@@ -147,7 +153,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections (model:, objective:, ...), got {type(data).__name__}")
+        raise ConfigError(
+            f"{path} must hold a mapping of sections (model:, objective:, ...), got {type(data).__name__}"
+        )
     return data
 
 
@@ -156,7 +164,9 @@ def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
     inherit the old one's fields (k_step's ``k`` makes no sense for greedy)."""
     key, sep, value_text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {override!r} must look like section.field=value, e.g. objective.gamma=0.9")
+        raise ConfigError(
+            f"override {override!r} must look like section.field=value, e.g. objective.gamma=0.9"
+        )
     try:
         value = yaml.safe_load(value_text) if value_text.strip() else None
     except yaml.YAMLError as e:
@@ -169,7 +179,9 @@ def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parents[: i + 1])} is a value, not a section")
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parents[: i + 1])} is a value, not a section"
+            )
         node = child
     if leaf == "type" and node.get("type") != value:
         node.clear()

@@ -55,7 +55,9 @@ def policy_gradient_loss(
         return -weighted.sum() / B
     if reduction == "token_mean":
         return -weighted.sum() / agent_mask.sum().clamp(min=1)
-    raise ObjectiveInputError(f"learner.loss_reduction must be 'sequence_mean' or 'token_mean', got {reduction!r}")
+    raise ObjectiveInputError(
+        f"learner.loss_reduction must be 'sequence_mean' or 'token_mean', got {reduction!r}"
+    )
 
 
 def check_token_batch(logprobs: Tensor, agent_mask: Tensor, token_turn: Tensor, num_turns: int) -> None:

@@ -248,9 +248,7 @@ def segment_ids_from_boundaries(boundaries: Sequence[Sequence[int]], lengths: Se
                 f"(turn indices where a new segment starts, for an episode of {length} turns)"
             )
         if any(a >= c for a, c in zip(starts, starts[1:], strict=False)):
-            raise ObjectiveInputError(
-                f"episode {b}: segment boundaries {starts} must be strictly increasing"
-            )
+            raise ObjectiveInputError(f"episode {b}: segment boundaries {starts} must be strictly increasing")
         for s in starts:
             ids[b, s:length] += 1  # padding keeps id 0; it is never credited
     return ids
@@ -307,7 +305,9 @@ class Objective(BaseModel):
 
 def check_turn_batch(rewards: Tensor, valid: Tensor) -> None:
     if rewards.ndim != 2:
-        raise ObjectiveInputError(f"rewards must be [B, T] (episodes x turns), got shape {tuple(rewards.shape)}")
+        raise ObjectiveInputError(
+            f"rewards must be [B, T] (episodes x turns), got shape {tuple(rewards.shape)}"
+        )
     if valid.shape != rewards.shape or valid.dtype != torch.bool:
         raise ObjectiveInputError(
             f"valid must be a bool tensor of the rewards' shape {tuple(rewards.shape)}, "

@@ -73,8 +73,14 @@ class Episodes:
 # --- Example MDPs -------------------------------------------------------------------------------
 
 
-def random_mdp(seed: int = 0, states: int = 3, actions: int = 3, horizon: int = 4,
-               end_action: bool = True, boundaries: tuple[int, ...] = (2,)) -> TabularConversationMDP:
+def random_mdp(
+    seed: int = 0,
+    states: int = 3,
+    actions: int = 3,
+    horizon: int = 4,
+    end_action: bool = True,
+    boundaries: tuple[int, ...] = (2,),
+) -> TabularConversationMDP:
     """A generic MDP: action-dependent transitions and rewards, noisy rewards, optional ending."""
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.double)  # noqa: E731
@@ -98,8 +104,11 @@ def myopic_mdp(horizon: int = 5, noise: float = 2.0) -> TabularConversationMDP:
     S, A = 3, 3
     return TabularConversationMDP(
         init=torch.full((S,), 1 / S, dtype=torch.double),
-        transition=torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.6, 0.3], [0.3, 0.1, 0.6]],
-                                dtype=torch.double)[:, None, :].expand(S, A, S).contiguous(),
+        transition=torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.6, 0.3], [0.3, 0.1, 0.6]], dtype=torch.double)[
+            :, None, :
+        ]
+        .expand(S, A, S)
+        .contiguous(),
         reward_mean=torch.tensor([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [-0.5, 0.0, 1.0]], dtype=torch.double),
         reward_std=torch.full((S, A), noise, dtype=torch.double),
         horizon=horizon,
@@ -169,7 +178,9 @@ def subset_by_definition(policy_class, t: int, length: int, boundaries: tuple[in
     raise TypeError(f"no definition for {policy_class!r}")
 
 
-def exact_partial_gradient(mdp: TabularConversationMDP, theta: Tensor, objective: Objective) -> tuple[float, Tensor]:
+def exact_partial_gradient(
+    mdp: TabularConversationMDP, theta: Tensor, objective: Objective
+) -> tuple[float, Tensor]:
     """(J_S, g_S): the partial objective sum_t E[G_t] and its partial gradient [S, A], by enumeration."""
     states, actions, lengths = enumerate_trajectories(mdp)
     N, T = states.shape
@@ -208,8 +219,9 @@ def turn_gaps(T: int) -> Tensor:
 # --- Monte Carlo: sample, then estimate through the real objective and loss ---------------------
 
 
-def sample_episodes(mdp: TabularConversationMDP, theta: Tensor, num_groups: int, group_size: int,
-                    generator: torch.Generator) -> Episodes:
+def sample_episodes(
+    mdp: TabularConversationMDP, theta: Tensor, num_groups: int, group_size: int, generator: torch.Generator
+) -> Episodes:
     """num_groups start states ("personas"), each with group_size independent conversations."""
     B, T = num_groups * group_size, mdp.horizon
     s = torch.multinomial(mdp.init, num_groups, replacement=True, generator=generator)
@@ -231,9 +243,16 @@ def sample_episodes(mdp: TabularConversationMDP, theta: Tensor, num_groups: int,
     return Episodes(states, actions, rewards, valid, torch.arange(num_groups).repeat_interleave(group_size))
 
 
-def sample_gradient_estimates(mdp: TabularConversationMDP, theta: Tensor, objective: Objective,
-                              num_batches: int, num_groups: int, group_size: int, seed: int = 0,
-                              reduction: str = "sequence_mean") -> Tensor:
+def sample_gradient_estimates(
+    mdp: TabularConversationMDP,
+    theta: Tensor,
+    objective: Objective,
+    num_batches: int,
+    num_groups: int,
+    group_size: int,
+    seed: int = 0,
+    reduction: str = "sequence_mean",
+) -> Tensor:
     """num_batches independent gradient estimates [M, S, A], each from one batch of episodes.
 
     Each episode is laid out as tokens the way the learner sees a conversation: per turn a user token
@@ -268,4 +287,3 @@ def reference_policy(mdp: TabularConversationMDP, seed: int = 0) -> Tensor:
     """A fixed, non-uniform policy to evaluate gradients at."""
     g = torch.Generator().manual_seed(seed + 1000)
     return torch.randn(mdp.num_states, mdp.num_actions, generator=g, dtype=torch.double)
-

@@ -92,11 +92,13 @@ def test_turn_mean_baseline_is_leave_one_out_per_turn_index():
     valid = valid_from_lengths([3, 2, 1])
     obj = Objective(policy_class=Greedy(), baseline=TurnMean())
     adv = obj.advantages(rewards, valid)
-    expected = torch.tensor([
-        [1 - (3 + 5) / 2, 1 - 2, 1 - 0],  # no other episode reaches turn 2 -> b = 0
-        [3 - (1 + 5) / 2, 2 - 1, 0],
-        [5 - (1 + 3) / 2, 0, 0],
-    ])
+    expected = torch.tensor(
+        [
+            [1 - (3 + 5) / 2, 1 - 2, 1 - 0],  # no other episode reaches turn 2 -> b = 0
+            [3 - (1 + 5) / 2, 2 - 1, 0],
+            [5 - (1 + 3) / 2, 0, 0],
+        ]
+    )
     assert torch.allclose(adv, expected)
 
 
@@ -115,7 +117,8 @@ def test_group_std_normalisation_gives_unit_scale_within_each_group():
     groups = torch.arange(3).repeat_interleave(4)
     raw = Objective(policy_class=Greedy(), baseline=GroupMean()).advantages(rewards, valid, group_ids=groups)
     norm = Objective(policy_class=Greedy(), baseline=GroupMean(normalize_std=True)).advantages(
-        rewards, valid, group_ids=groups)
+        rewards, valid, group_ids=groups
+    )
     for k in range(3):
         rows = groups == k
         std = rewards[rows].std(0, unbiased=False)
@@ -171,7 +174,9 @@ def test_returns_are_the_discounted_subset_sums_and_padding_never_leaks(batch, s
     returns = obj.returns(junk, valid)
     for b, n in enumerate(lengths):
         for t in range(T):
-            want = sum(gamma ** (u - t) * rewards[b, u].item() for u in range(t, min(t + k, n))) if t < n else 0
+            want = (
+                sum(gamma ** (u - t) * rewards[b, u].item() for u in range(t, min(t + k, n))) if t < n else 0
+            )
             assert math.isclose(returns[b, t].item(), want, rel_tol=1e-9, abs_tol=1e-9)
 
 

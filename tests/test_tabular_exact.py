@@ -68,7 +68,9 @@ def test_enumeration_is_a_distribution_with_ragged_lengths(mdp, theta):
     states, actions, lengths = enumerate_trajectories(mdp)
     assert set(lengths.tolist()) == {1, 2, 3, 4}  # the end action makes lengths policy-dependent
     J_const, _ = exact_partial_gradient(
-        mdp, theta, Objective(policy_class=Custom(matrix=[[1, 0, 0, 0]] + [[0] * 4] * 3), baseline=NoBaseline())
+        mdp,
+        theta,
+        Objective(policy_class=Custom(matrix=[[1, 0, 0, 0]] + [[0] * 4] * 3), baseline=NoBaseline()),
     )
     # J of "reward of turn 0 only" is E[r_0] = sum_s init(s) sum_a pi(a|s) r(s, a): checks the probabilities.
     expected = (mdp.init[:, None] * torch.softmax(theta, -1) * mdp.reward_mean).sum()
@@ -83,7 +85,9 @@ def test_full_planning_partial_gradient_is_the_ordinary_gradient(mdp, theta):
     shared = theta.clone().requires_grad_(True)
     logpi = torch.log_softmax(shared, -1)[states, actions]
     trans = mdp.transition[states[:, :-1], actions[:, :-1], states[:, 1:]].log()
-    log_p = mdp.init[states[:, 0]].log() + (logpi * valid).sum(1) + torch.where(valid[:, 1:], trans, 0.0).sum(1)
+    log_p = (
+        mdp.init[states[:, 0]].log() + (logpi * valid).sum(1) + torch.where(valid[:, 1:], trans, 0.0).sum(1)
+    )
     expected_return = (log_p.exp() * (mdp.reward_mean[states, actions] * valid).sum(1)).sum()
     (true_grad,) = torch.autograd.grad(expected_return, shared)
     _, g = exact_partial_gradient(mdp, theta, Objective(policy_class=FullPlanning(), gamma=1.0))
