@@ -39,21 +39,22 @@ class ModelConfig(Section):
 class ProblemConfig(Section):
     """Which persona-alignment problem to train on (the problem registry arrives with ppg.env)."""
 
-    name: str = Field(default="myopic", min_length=1)
-    num_turns: PositiveInt = Field(default=4, description="agent turns per conversation (the horizon T)")
+    name: str = Field(default="myopic", min_length=1, description="a registered problem (ppg.env.problems)")
+    num_turns: PositiveInt | None = Field(default=None, description="agent turns per conversation; None = the problem's own")
     segment_boundaries: list[int] | None = Field(
         default=None, description="turns where a new segment starts; None = the problem's own"
     )
     reward_scale: float = Field(default=1.0, gt=0)
-    personas_file: Path | None = Field(
-        default=None, description="JSONL/YAML persona file; None = shipped set"
-    )
+    personas_file: Path | None = Field(default=None, description="JSONL/YAML persona file; None = shipped set")
+    judge: Literal["rule", "embedding", "llm"] = Field(default="rule", description="who scores each turn")
+    partner: Literal["scripted", "llm"] = Field(default="scripted", description="who plays the other side")
+    partner_model: str | None = Field(default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path")
 
     @model_validator(mode="after")
     def _boundaries_inside(self) -> ProblemConfig:
         b = self.segment_boundaries
         if b is not None:
-            if any(not 0 < s < self.num_turns for s in b):
+            if self.num_turns is not None and any(not 0 < s < self.num_turns for s in b):
                 raise ValueError(
                     f"segment_boundaries {b} must lie in 1..{self.num_turns - 1} (num_turns={self.num_turns})"
                 )

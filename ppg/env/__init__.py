@@ -1,0 +1,1 @@
+"""The persona-alignment environment: personas, problems, simulated users (partners) and judges."""

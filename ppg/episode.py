@@ -1,0 +1,126 @@
+"""Episodes: a conversation as the learner sees it - tokens, which of them are the agent's, per-turn
+rewards, segments, and the policy version that produced it.
+
+Tokens come from the model's own chat template, so what the learner scores is exactly what the model
+read and wrote. Only the agent's reply tokens (and the end-of-turn marker it emitted) are actions;
+system, persona and user tokens, and the template's role headers, are context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppg.env.conversation import Conversation
+
+
+class RenderError(ValueError):
+    """The chat template cannot be split into per-message spans (it rewrites earlier turns)."""
+
+
+@dataclass
+class Episode:
+    problem: str
+    persona_id: str
+    group_id: int  # episodes that share a persona/prompt (group baseline)
+    policy_version: int
+    messages: list[dict]
+    rewards: list[float]  # [T] one per agent turn, never summed
+    segment_ids: list[int]  # [T]
+    token_ids: list[int]  # [L]
+    agent_mask: list[bool]  # [L] True on the agent's own tokens
+    token_turn: list[int]  # [L] the agent turn each token belongs to (or precedes)
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.rewards)
+
+
+def render_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool], list[int]]:
+    """Token ids of the whole conversation, the agent mask, and each token's turn index.
+
+    Each assistant message's tokens are the difference between the conversation rendered through
+    that message and the prompt rendered up to it (with the generation header), so the header is
+    context and the reply plus its end marker are the agent's.
+    """
+    ids: list[int] = []
+    agent: list[bool] = []
+    turn: list[int] = []
+    t = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _template(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _template(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if prompt[: len(ids)] != ids or through[: len(prompt)] != prompt:
+            raise RenderError(
+                "the chat template is not prefix-stable (rendering a later turn changed earlier tokens); "
+                "per-turn credit needs a template where each message appends tokens"
+            )
+        context = prompt[len(ids):]
+        reply = through[len(prompt):]
+        ids += context + reply
+        agent += [False] * len(context) + [True] * len(reply)
+        turn += [t] * (len(context) + len(reply))
+        t += 1
+    tail = _template(tokenizer, messages, add_generation_prompt=False)[len(ids):]
+    ids += tail
+    agent += [False] * len(tail)
+    turn += [max(t - 1, 0)] * len(tail)
+    return ids, agent, turn
+
+
+def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                        return_dict=False)
+    return list(out)
+
+
+def episode_from_conversation(conversation: Conversation, tokenizer, problem: str, group_id: int,
+                              policy_version: int) -> Episode:
+    ids, agent, turn = render_tokens(tokenizer, conversation.messages)
+    return Episode(problem, conversation.persona.id, group_id, policy_version, conversation.messages,
+                   list(conversation.rewards), list(conversation.segment_ids), ids, agent, turn)
+
+
+@dataclass
+class EpisodeBatch:
+    """Padded tensors for the objective and the loss."""
+
+    token_ids: torch.Tensor  # [B, L] long, pad 0
+    attention_mask: torch.Tensor  # [B, L] bool
+    agent_mask: torch.Tensor  # [B, L] bool
+    token_turn: torch.Tensor  # [B, L] long
+    rewards: torch.Tensor  # [B, T] float
+    valid: torch.Tensor  # [B, T] bool
+    segment_ids: torch.Tensor  # [B, T] long
+    group_ids: torch.Tensor  # [B] long
+    policy_versions: torch.Tensor  # [B] long
+
+
+def collate(episodes: list[Episode], pad_id: int = 0) -> EpisodeBatch:
+    B = len(episodes)
+    L = max(len(e.token_ids) for e in episodes)
+    T = max(e.num_turns for e in episodes)
+    batch = EpisodeBatch(
+        token_ids=torch.full((B, L), pad_id, dtype=torch.long),
+        attention_mask=torch.zeros(B, L, dtype=torch.bool),
+        agent_mask=torch.zeros(B, L, dtype=torch.bool),
+        token_turn=torch.zeros(B, L, dtype=torch.long),
+        rewards=torch.zeros(B, T, dtype=torch.float32),
+        valid=torch.zeros(B, T, dtype=torch.bool),
+        segment_ids=torch.zeros(B, T, dtype=torch.long),
+        group_ids=torch.tensor([e.group_id for e in episodes], dtype=torch.long),
+        policy_versions=torch.tensor([e.policy_version for e in episodes], dtype=torch.long),
+    )
+    for b, e in enumerate(episodes):
+        n, t = len(e.token_ids), e.num_turns
+        batch.token_ids[b, :n] = torch.tensor(e.token_ids)
+        batch.attention_mask[b, :n] = True
+        batch.agent_mask[b, :n] = torch.tensor(e.agent_mask)
+        batch.token_turn[b, :n] = torch.tensor(e.token_turn)
+        batch.rewards[b, :t] = torch.tensor(e.rewards)
+        batch.valid[b, :t] = True
+        batch.segment_ids[b, :t] = torch.tensor(e.segment_ids)
+    return batch
