@@ -10,6 +10,8 @@ from ppg.config import ConfigError, load_config
 EXAMPLES = """examples:
   ppg config show
   ppg config show --config examples/greedy.yaml objective.policy_class.type=k_step objective.policy_class.k=2
+  ppg problems
+  ppg model build                      # build (once) and print the embedded tiny model's folder
 """
 
 
@@ -37,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(show)
     show.set_defaults(handler=cmd_config_show)
+
+    model = commands.add_parser(
+        "model",
+        help="build or locate the configured policy model",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    build = model_commands.add_parser(
+        "build",
+        help="resolve model.name_or_path to a local folder (builds "
+        "'embedded:tiny' on first use) and print it",
+    )
+    add_config_arguments(build)
+    build.set_defaults(handler=cmd_model_build)
+
+    problems = commands.add_parser(
+        "problems", help="list the registered problems and which policy class should win"
+    )
+    problems.set_defaults(handler=cmd_problems)
     return parser
 
 
@@ -52,6 +74,28 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_model_build(args: argparse.Namespace) -> int:
+    from ppg.models import ModelPathError, resolve_model
+
+    config = load_config(args.config, args.overrides)
+    try:
+        print(resolve_model(config.model.name_or_path))
+    except ModelPathError as e:
+        print(f"ppg: model.name_or_path: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_problems(args: argparse.Namespace) -> int:
+    from ppg.env.problems import PROBLEMS
+
+    for name, cls in sorted(PROBLEMS.items()):
+        boundaries = f", segments start at {list(cls.default_boundaries)}" if cls.default_boundaries else ""
+        print(f"{name}  [{cls.family}; {cls.default_turns} turns{boundaries}; judged on {cls.aspect}]")
+        print(f"  best: {cls.best_class}. {cls.why}.\n")
     return 0
 
 

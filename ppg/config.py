@@ -40,15 +40,21 @@ class ProblemConfig(Section):
     """Which persona-alignment problem to train on (the problem registry arrives with ppg.env)."""
 
     name: str = Field(default="myopic", min_length=1, description="a registered problem (ppg.env.problems)")
-    num_turns: PositiveInt | None = Field(default=None, description="agent turns per conversation; None = the problem's own")
+    num_turns: PositiveInt | None = Field(
+        default=None, description="agent turns per conversation; None = the problem's own"
+    )
     segment_boundaries: list[int] | None = Field(
         default=None, description="turns where a new segment starts; None = the problem's own"
     )
     reward_scale: float = Field(default=1.0, gt=0)
-    personas_file: Path | None = Field(default=None, description="JSONL/YAML persona file; None = shipped set")
+    personas_file: Path | None = Field(
+        default=None, description="JSONL/YAML persona file; None = shipped set"
+    )
     judge: Literal["rule", "embedding", "llm"] = Field(default="rule", description="who scores each turn")
     partner: Literal["scripted", "llm"] = Field(default="scripted", description="who plays the other side")
-    partner_model: str | None = Field(default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path")
+    partner_model: str | None = Field(
+        default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path"
+    )
 
     @model_validator(mode="after")
     def _boundaries_inside(self) -> ProblemConfig:

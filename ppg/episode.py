@@ -58,13 +58,13 @@ def render_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool
                 "the chat template is not prefix-stable (rendering a later turn changed earlier tokens); "
                 "per-turn credit needs a template where each message appends tokens"
             )
-        context = prompt[len(ids):]
-        reply = through[len(prompt):]
+        context = prompt[len(ids) :]
+        reply = through[len(prompt) :]
         ids += context + reply
         agent += [False] * len(context) + [True] * len(reply)
         turn += [t] * (len(context) + len(reply))
         t += 1
-    tail = _template(tokenizer, messages, add_generation_prompt=False)[len(ids):]
+    tail = _template(tokenizer, messages, add_generation_prompt=False)[len(ids) :]
     ids += tail
     agent += [False] * len(tail)
     turn += [max(t - 1, 0)] * len(tail)
@@ -72,16 +72,28 @@ def render_tokens(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool
 
 
 def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                        return_dict=False)
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
+    )
     return list(out)
 
 
-def episode_from_conversation(conversation: Conversation, tokenizer, problem: str, group_id: int,
-                              policy_version: int) -> Episode:
+def episode_from_conversation(
+    conversation: Conversation, tokenizer, problem: str, group_id: int, policy_version: int
+) -> Episode:
     ids, agent, turn = render_tokens(tokenizer, conversation.messages)
-    return Episode(problem, conversation.persona.id, group_id, policy_version, conversation.messages,
-                   list(conversation.rewards), list(conversation.segment_ids), ids, agent, turn)
+    return Episode(
+        problem,
+        conversation.persona.id,
+        group_id,
+        policy_version,
+        conversation.messages,
+        list(conversation.rewards),
+        list(conversation.segment_ids),
+        ids,
+        agent,
+        turn,
+    )
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Generate the shipped persona catalogue, deterministically (seeded), into ppg/env/data/personas.jsonl.
 
-    python scripts/generate_personas.py            # rewrites the committed file; the diff should be empty
-    python scripts/generate_personas.py --count 200 --seed 7 --out my_personas.jsonl
+python scripts/generate_personas.py            # rewrites the committed file; the diff should be empty
+python scripts/generate_personas.py --count 200 --seed 7 --out my_personas.jsonl
 """
 
 from __future__ import annotations
@@ -17,8 +17,32 @@ from ppg.env.personas import SHIPPED_PERSONAS, Persona
 from ppg.env.vocabulary import CATEGORIES, FACT_SLOTS, TRAITS
 
 FIRST_NAMES = (
-    "ada", "bo", "cleo", "dev", "eli", "fay", "gus", "hana", "ivo", "jun", "kai", "lena", "milo", "nia",
-    "omar", "pia", "quinn", "rosa", "sami", "tara", "uma", "vik", "wren", "xena", "yuri", "zoe",
+    "ada",
+    "bo",
+    "cleo",
+    "dev",
+    "eli",
+    "fay",
+    "gus",
+    "hana",
+    "ivo",
+    "jun",
+    "kai",
+    "lena",
+    "milo",
+    "nia",
+    "omar",
+    "pia",
+    "quinn",
+    "rosa",
+    "sami",
+    "tara",
+    "uma",
+    "vik",
+    "wren",
+    "xena",
+    "yuri",
+    "zoe",
 )
 
 
@@ -30,26 +54,35 @@ def generate(count: int, seed: int) -> list[Persona]:
         for category, items in CATEGORIES.items():
             liked, disliked = rng.sample(items, 2)
             likes[category], dislikes[category] = liked, disliked
-        personas.append(Persona(
-            id=f"p{n:03d}",
-            name=f"{rng.choice(FIRST_NAMES)}",
-            traits=tuple(rng.sample(TRAITS, 2)),
-            preferences=likes,
-            dislikes=dislikes,
-            facts={slot: rng.choice(values) for slot, values in FACT_SLOTS.items()},
-            style={"brevity": rng.choice(["terse", "brief", "chatty"]), "formality": rng.choice(["casual", "formal"])},
-            setting=rng.choice(["chitchat", "patient", "student"]),
-        ))
+        personas.append(
+            Persona(
+                id=f"p{n:03d}",
+                name=f"{rng.choice(FIRST_NAMES)}",
+                traits=tuple(rng.sample(TRAITS, 2)),
+                preferences=likes,
+                dislikes=dislikes,
+                facts={slot: rng.choice(values) for slot, values in FACT_SLOTS.items()},
+                style={
+                    "brevity": rng.choice(["terse", "brief", "chatty"]),
+                    "formality": rng.choice(["casual", "formal"]),
+                },
+                setting=rng.choice(["chitchat", "patient", "student"]),
+            )
+        )
     return personas
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--count", type=int, default=60)
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--out", type=Path, default=SHIPPED_PERSONAS)
     args = parser.parse_args()
-    lines = "".join(json.dumps(p.model_dump(mode="json"), sort_keys=True) + "\n" for p in generate(args.count, args.seed))
+    lines = "".join(
+        json.dumps(p.model_dump(mode="json"), sort_keys=True) + "\n" for p in generate(args.count, args.seed)
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
     with os.fdopen(fd, "w") as f:

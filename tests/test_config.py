@@ -85,7 +85,10 @@ def test_override_values_are_typed_yaml_scalars():
         (["rollout.num_workers=0"], ["rollout.num_workers: Input should be greater than 0"]),
         (["rollout.group_size=3"], ["must be a multiple of group_size (3)"]),
         (["serve.port=70000"], ["serve.port: Input should be less than or equal to 65535"]),
-        (["problem.num_turns=4", "problem.segment_boundaries=[0, 2]"], ["segment_boundaries [0, 2] must lie in 1..3"]),
+        (
+            ["problem.num_turns=4", "problem.segment_boundaries=[0, 2]"],
+            ["segment_boundaries [0, 2] must lie in 1..3"],
+        ),
         (["problem.segment_boundaries=[3, 2]"], ["must be strictly increasing"]),
         (["learner.lrr=0.1"], ["learner.lrr: unknown key"]),
         (

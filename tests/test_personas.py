@@ -27,8 +27,12 @@ def test_shipped_catalogue_has_50_plus_complete_personas():
 
 def test_catalogue_is_regenerated_identically_from_its_seed(tmp_path):
     out = tmp_path / "personas.jsonl"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "generate_personas.py"), "--out", str(out)],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "generate_personas.py"), "--out", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert out.read_bytes() == SHIPPED_PERSONAS.read_bytes()
 
 

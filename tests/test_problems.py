@@ -30,7 +30,9 @@ def scripted_policy(lines_by_turn):
 
 def run(name, lines_by_turn, **config):
     problem = make_problem(ProblemConfig(name=name, **config))
-    [conv] = run_conversations(problem, [PERSONA], [7], scripted_policy(lines_by_turn), ScriptedPartner(), RuleJudge())
+    [conv] = run_conversations(
+        problem, [PERSONA], [7], scripted_policy(lines_by_turn), ScriptedPartner(), RuleJudge()
+    )
     return problem, conv
 
 
@@ -59,7 +61,9 @@ def test_myopic_rewards_the_revealed_taste_now_and_only_now():
     assert all(dialogue.parse(m["content"]).items[0] in liked for m in good.messages if m["role"] == "user")
     assert all(r > 0.5 for r in good.rewards) and all(r < 0 for r in bad.rewards)
     # The user's lines do not depend on the agent's: the next turn's reward cannot either.
-    assert [m for m in good.messages if m["role"] == "user"] == [m for m in bad.messages if m["role"] == "user"]
+    assert [m for m in good.messages if m["role"] == "user"] == [
+        m for m in bad.messages if m["role"] == "user"
+    ]
 
 
 def test_elicitation_rewards_a_recommendation_only_after_the_right_question():
@@ -71,11 +75,15 @@ def test_elicitation_rewards_a_recommendation_only_after_the_right_question():
     _, blind = run("elicitation", lambda t, user: dialogue.recommend(liked))
     assert blind.rewards == [0.0, 0.0, 0.0, 0.0]
     # Ask, then recommend: the question earns 0, the recommendations after it earn reward.
-    _, asked = run("elicitation", lambda t, user: dialogue.ask(topic) if t == 0 else dialogue.recommend(liked))
+    _, asked = run(
+        "elicitation", lambda t, user: dialogue.ask(topic) if t == 0 else dialogue.recommend(liked)
+    )
     assert asked.messages[3]["content"].startswith(f"i like {liked}.")  # the user revealed it when asked
     assert asked.rewards[0] == 0.0 and all(r > 0.5 for r in asked.rewards[1:])
     # Asking about the wrong topic does not unlock this one.
-    _, wrong = run("elicitation", lambda t, user: dialogue.ask(other) if t == 0 else dialogue.recommend(liked))
+    _, wrong = run(
+        "elicitation", lambda t, user: dialogue.ask(other) if t == 0 else dialogue.recommend(liked)
+    )
     assert wrong.rewards == [0.0, 0.0, 0.0, 0.0]
 
 
@@ -86,7 +94,11 @@ def test_segmented_credit_stays_inside_each_segment():
 
     def ask_then_recommend(t, user):
         topic = topics[problem.segment_ids()[t]]
-        return dialogue.ask(topic) if t == problem.segment_start(t) else dialogue.recommend(PERSONA.preferences[topic])
+        return (
+            dialogue.ask(topic)
+            if t == problem.segment_start(t)
+            else dialogue.recommend(PERSONA.preferences[topic])
+        )
 
     _, conv = run("segmented", ask_then_recommend)
     assert conv.segment_ids == [0, 0, 1, 1, 2, 2]
@@ -110,7 +122,9 @@ def test_segment_boundaries_and_horizon_are_config_values():
 
 def test_reward_scale_multiplies_rewards():
     _, one = run("myopic", lambda t, user: dialogue.recommend(dialogue.parse(user).items[0]))
-    _, ten = run("myopic", lambda t, user: dialogue.recommend(dialogue.parse(user).items[0]), reward_scale=10.0)
+    _, ten = run(
+        "myopic", lambda t, user: dialogue.recommend(dialogue.parse(user).items[0]), reward_scale=10.0
+    )
     assert ten.rewards == pytest.approx([10 * r for r in one.rewards])
 
 
@@ -130,7 +144,9 @@ def test_persona_consistency_rewards_truth_and_punishes_drift():
     assert len(good.rewards) == 10 and all(r == 1.0 for r in good.rewards)
 
     wrong_city = next(c for c in ("lisbon", "oslo") if c != PERSONA.facts["city"])
-    script = iter([dialogue.state_fact("city", wrong_city)] + [dialogue.state_fact("city", PERSONA.facts["city"])] * 9)
+    script = iter(
+        [dialogue.state_fact("city", wrong_city)] + [dialogue.state_fact("city", PERSONA.facts["city"])] * 9
+    )
     _, drift = run("persona_consistency", lambda t, user: next(script))
     assert drift.rewards[0] == -1.0  # false to the persona
     assert drift.rewards[1] == 0.0  # true to the persona (+1) but contradicts its own first line (-1)
@@ -139,9 +155,15 @@ def test_persona_consistency_rewards_truth_and_punishes_drift():
 def test_same_seed_same_conversation_and_corpus_is_deterministic():
     problem = make_problem(ProblemConfig(name="elicitation"))
     personas = load_personas()[:8]
-    a = run_conversations(problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge())
-    b = run_conversations(problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge())
-    assert [c.messages for c in a] == [c.messages for c in b] and [c.rewards for c in a] == [c.rewards for c in b]
+    a = run_conversations(
+        problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge()
+    )
+    b = run_conversations(
+        problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge()
+    )
+    assert [c.messages for c in a] == [c.messages for c in b] and [c.rewards for c in a] == [
+        c.rewards for c in b
+    ]
     assert sft_conversations(40, seed=1) == sft_conversations(40, seed=1)
     assert sft_conversations(40, seed=1) != sft_conversations(40, seed=2)
 

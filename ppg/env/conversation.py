@@ -33,19 +33,32 @@ class Conversation:
         return [m["content"] for m in self.messages if m["role"] == "assistant"]
 
 
-def run_conversations(problem: Problem, personas: Sequence[Persona], seeds: Sequence[int], policy: Policy,
-                      partner: Partner, judge: Judge) -> list[Conversation]:
+def run_conversations(
+    problem: Problem,
+    personas: Sequence[Persona],
+    seeds: Sequence[int],
+    policy: Policy,
+    partner: Partner,
+    judge: Judge,
+) -> list[Conversation]:
     """Roll out one conversation per (persona, seed), all turns batched across conversations."""
     if len(personas) != len(seeds):
-        raise ValueError(f"got {len(personas)} personas but {len(seeds)} seeds; give one seed per conversation")
+        raise ValueError(
+            f"got {len(personas)} personas but {len(seeds)} seeds; give one seed per conversation"
+        )
     conversations = [
-        Conversation(p, s, [{"role": "system", "content": problem.system_prompt(p)}]) for p, s in zip(personas, seeds, strict=True)
+        Conversation(p, s, [{"role": "system", "content": problem.system_prompt(p)}])
+        for p, s in zip(personas, seeds, strict=True)
     ]
     segment_ids = problem.segment_ids()
     for t in range(problem.num_turns):
-        requests = [PartnerRequest(c.persona, problem.user_move(c.persona, t, c.seed), tuple(c.messages[1:]))
-                    for c in conversations]
-        for c, text in zip(conversations, _checked(partner.reply(requests), len(conversations), "partner"), strict=True):
+        requests = [
+            PartnerRequest(c.persona, problem.user_move(c.persona, t, c.seed), tuple(c.messages[1:]))
+            for c in conversations
+        ]
+        for c, text in zip(
+            conversations, _checked(partner.reply(requests), len(conversations), "partner"), strict=True
+        ):
             c.messages.append({"role": "user", "content": text})
 
         replies = _checked(policy([list(c.messages) for c in conversations]), len(conversations), "policy")
@@ -56,10 +69,21 @@ def run_conversations(problem: Problem, personas: Sequence[Persona], seeds: Sequ
             c.messages.append({"role": "assistant", "content": reply})
 
         judged = [i for i, g in enumerate(gates) if g]  # a withheld reward needs no judgement
-        scores = judge.score([
-            JudgeRequest(conversations[i].persona, tuple(conversations[i].messages[1:-1]), replies[i], problem.aspect)
-            for i in judged
-        ]) if judged else []
+        scores = (
+            judge.score(
+                [
+                    JudgeRequest(
+                        conversations[i].persona,
+                        tuple(conversations[i].messages[1:-1]),
+                        replies[i],
+                        problem.aspect,
+                    )
+                    for i in judged
+                ]
+            )
+            if judged
+            else []
+        )
         _check_scores(scores, len(judged))
         score_of = dict(zip(judged, scores, strict=True))
         for i, c in enumerate(conversations):
@@ -70,7 +94,9 @@ def run_conversations(problem: Problem, personas: Sequence[Persona], seeds: Sequ
 
 def _checked(texts: list[str], n: int, who: str) -> list[str]:
     if len(texts) != n or not all(isinstance(t, str) for t in texts):
-        raise RuntimeError(f"the {who} returned {len(texts)} items for {n} conversations; expected one string each")
+        raise RuntimeError(
+            f"the {who} returned {len(texts)} items for {n} conversations; expected one string each"
+        )
     return texts
 
 

@@ -28,7 +28,10 @@ def scripted_agent(seed: int, truthful: float = 0.6) -> Policy:
     rng = random.Random(seed)
 
     def reply(conversations: list[list[dict]]) -> list[str]:
-        return [_reply(rng, messages[0]["content"], messages[-1]["content"], truthful) for messages in conversations]
+        return [
+            _reply(rng, messages[0]["content"], messages[-1]["content"], truthful)
+            for messages in conversations
+        ]
 
     return reply
 
@@ -78,7 +81,9 @@ def sft_conversations(num_conversations: int = 800, seed: int = 0) -> list[list[
         problem = PROBLEMS[name](ProblemConfig(name=name))
         chosen = [rng.choice(personas) for _ in range(per_problem)]
         seeds = [rng.randrange(2**31) for _ in range(per_problem)]
-        convs = run_conversations(problem, chosen, seeds, scripted_agent(seed * 1000 + k), ScriptedPartner(), RuleJudge())
+        convs = run_conversations(
+            problem, chosen, seeds, scripted_agent(seed * 1000 + k), ScriptedPartner(), RuleJudge()
+        )
         out += [c.messages for c in convs]
     rng.shuffle(out)
     return out[:num_conversations]

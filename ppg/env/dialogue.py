@@ -98,7 +98,9 @@ class Acts:
 def parse(text: str) -> Acts:
     text = text.lower()
     words = _WORD.findall(text)
-    acts = Acts(words=len(words), formal=bool(FORMAL_MARKERS & set(words)), casual=bool(CASUAL_MARKERS & set(words)))
+    acts = Acts(
+        words=len(words), formal=bool(FORMAL_MARKERS & set(words)), casual=bool(CASUAL_MARKERS & set(words))
+    )
     for sentence in _SENTENCE.findall(text):
         tokens = _WORD.findall(sentence)
         if sentence.strip().endswith("?") and {"what", "which"} & set(tokens):

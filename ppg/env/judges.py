@@ -155,10 +155,13 @@ class LLMJudge:
         transcript = "\n".join(f"{m['role']}: {m['content']}" for m in request.history[-6:])
         return [
             {"role": "system", "content": "you rate replies. answer with one number from 0 to 10."},
-            {"role": "user", "content": (
-                f"persona: {request.persona.describe()}\nconversation:\n{transcript}\n"
-                f"reply: {request.response}\nhow well does the reply fit {who}? score 0-10:"
-            )},
+            {
+                "role": "user",
+                "content": (
+                    f"persona: {request.persona.describe()}\nconversation:\n{transcript}\n"
+                    f"reply: {request.response}\nhow well does the reply fit {who}? score 0-10:"
+                ),
+            },
         ]
 
     def score(self, requests: list[JudgeRequest]) -> list[float]:

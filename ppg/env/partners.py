@@ -50,8 +50,9 @@ class LLMPartner:
         self.llm, self.max_tokens, self.temperature = llm, max_tokens, temperature
 
     def reply(self, requests: list[PartnerRequest]) -> list[str]:
-        return self.llm.chat([self.prompt(r) for r in requests], max_tokens=self.max_tokens,
-                             temperature=self.temperature)
+        return self.llm.chat(
+            [self.prompt(r) for r in requests], max_tokens=self.max_tokens, temperature=self.temperature
+        )
 
     @staticmethod
     def prompt(request: PartnerRequest) -> list[dict]:

