@@ -17,30 +17,13 @@ from ppg.models import resolve_model
 PERSONAS = load_personas()[:3]
 
 
-class ActorClient:
-    """The ChatLLM interface over a Ray actor handle: what crosses the process line is plain data."""
-
-    def __init__(self, actor):
-        self.actor = actor
-
-    def chat(self, conversations, **kwargs):
-        import ray
-
-        return ray.get(self.actor.chat.remote(conversations, **kwargs))
-
-    def choose(self, conversations, choices):
-        import ray
-
-        return ray.get(self.actor.choose.remote(conversations, choices))
-
-
 @pytest.fixture(scope="module")
 def llm_actor(ray_cluster):
-    from ppg.env.llm import start_chat_llm_actor
+    from ppg.env.llm import RemoteChatLLM, start_chat_llm_actor
 
     actor = start_chat_llm_actor(resolve_model("embedded:tiny"), num_cpus=1)
     ray_cluster.get(actor.ready.remote())
-    yield ActorClient(actor)
+    yield RemoteChatLLM(actor)
     ray_cluster.kill(actor)
 
 
@@ -125,3 +108,28 @@ def test_embedding_judge_runs_a_whole_problem():
         problem, PERSONAS, [0, 1, 2], scripted_agent(0), ScriptedPartner(), EmbeddingJudge()
     )
     assert all(len(c.rewards) == 4 for c in conversations)
+
+
+@pytest.mark.slow
+def test_environment_from_config_wires_llm_partner_and_judge(llm_actor):
+    from ppg.config import load_config
+    from ppg.env.factory import make_environment
+
+    config = load_config(None, ["problem.name=segmented", "problem.partner=llm", "problem.judge=llm"])
+    env = make_environment(config, llm=llm_actor)
+    assert isinstance(env.partner, LLMPartner) and isinstance(env.judge, LLMJudge)
+    assert env.problem.segment_ids() == [0, 0, 1, 1, 2, 2]
+    [conversation] = run_conversations(
+        env.problem, env.train_personas[:1], [0], scripted_agent(0), env.partner, env.judge
+    )
+    assert len(conversation.rewards) == 6
+
+
+def test_environment_from_config_defaults_and_held_out_personas():
+    from ppg.config import load_config
+    from ppg.env.factory import make_environment
+
+    env = make_environment(load_config(None, ["problem.judge=embedding"]))
+    assert isinstance(env.partner, ScriptedPartner) and isinstance(env.judge, EmbeddingJudge)
+    assert env.train_personas and env.eval_personas
+    assert not {p.id for p in env.train_personas} & {p.id for p in env.eval_personas}

@@ -25,6 +25,7 @@ __all__ = [
     "Conversation",
     "JudgeParseError",
     "parse_score",
+    "RemoteChatLLM",
     "start_chat_llm_actor",
     "vllm_env",
 ]
@@ -280,3 +281,21 @@ def start_chat_llm_actor(
     if name is not None:
         options["name"] = name
     return _actor_class().options(**options).remote(model_path, kv_cache_gib=kv_cache_gib, **llm_kwargs)
+
+
+class RemoteChatLLM:
+    """The `ChatLLM` interface over an actor handle, so a partner or judge never knows where the
+    engine runs. Only conversations (plain dicts) and strings cross the process line."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def chat(self, conversations: list[Conversation], **kwargs: Any) -> list[str]:
+        import ray
+
+        return ray.get(self.actor.chat.remote(conversations, **kwargs))
+
+    def choose(self, conversations: list[Conversation], choices: list[str], **kwargs: Any) -> list[str]:
+        import ray
+
+        return ray.get(self.actor.choose.remote(conversations, choices, **kwargs))
