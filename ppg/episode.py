@@ -31,6 +31,7 @@ class Episode:
     token_ids: list[int]  # [L]
     agent_mask: list[bool]  # [L] True on the agent's own tokens
     token_turn: list[int]  # [L] the agent turn each token belongs to (or precedes)
+    logprobs: list[float] | None = None  # [L] behaviour log-probs of sampled tokens (0.0 on context)
 
     @property
     def num_turns(self) -> int:

@@ -1,0 +1,1 @@
+"""Rollout: generation engines, rollout workers (Ray actors) and the resizable pool."""

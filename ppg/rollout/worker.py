@@ -1,0 +1,113 @@
+"""RolloutWorker: one Ray actor, one generation engine, whole batches of multi-turn episodes.
+
+Its public methods are the whole protocol with the pool: ``ready``, ``rollout(request)``,
+``update_weights(version, weights)``, ``version``. Requests and results are small dataclasses of
+plain data; weights travel through the Ray object store (or as a checkpoint folder path).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ppg.config import PPGConfig
+from ppg.episode import Episode
+from ppg.rollout.engine import EngineConfig, SamplingSpec, Weights, make_engine
+from ppg.rollout.trace import TokenPolicy
+
+CHAT_LLM_ACTOR = "ppg-chat-llm"  # the shared LLM partner/judge actor, when the config asks for one
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    """One unit of work: conversations with these personas and seeds, in these baseline groups."""
+
+    request_id: int
+    persona_ids: tuple[str, ...]
+    seeds: tuple[int, ...]
+    group_ids: tuple[int, ...]
+    split: str = "train"  # or "eval": held-out personas
+
+
+@dataclass
+class RolloutResult:
+    request_id: int
+    worker: str
+    policy_version: int
+    episodes: list[Episode]
+    seconds: dict[str, float] = field(default_factory=dict)  # generate / partner+judge / total
+
+
+class RolloutWorker:
+    def __init__(self, config: dict, model_path: str, name: str, engine: str = "vllm") -> None:
+        from ppg.env.factory import make_environment
+
+        self.config = PPGConfig.model_validate(config)
+        self.name = name
+        m, r = self.config.model, self.config.rollout
+        engine_config = EngineConfig(dtype=m.dtype, max_model_len=m.max_model_len, trust_remote_code=m.trust_remote_code,
+                                     seed=self.config.run.seed, kv_cache_gib=r.kv_cache_gib)
+        self.engine = make_engine(engine, model_path, engine_config)
+        self.env = make_environment(self.config, llm=self._shared_llm())
+        self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
+        self.sampling = SamplingSpec(r.max_tokens_per_turn, r.temperature, r.top_p)
+        self.policy_version = 0
+
+    def _shared_llm(self):
+        if "llm" not in (self.config.problem.partner, self.config.problem.judge):
+            return None
+        import ray
+
+        from ppg.env.llm import RemoteChatLLM
+
+        return RemoteChatLLM(ray.get_actor(CHAT_LLM_ACTOR))
+
+    def ready(self) -> str:
+        return self.name
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list:
+        """Raw token-in/token-out access to this worker's engine (evaluation, benchmarks, tests)."""
+        return self.engine.generate(prompts, sampling)
+
+    def version(self) -> int:
+        return self.policy_version
+
+    def update_weights(self, version: int, weights: Weights) -> int:
+        self.engine.update_weights(weights)
+        self.policy_version = version
+        return version
+
+    def rollout(self, request: RolloutRequest) -> RolloutResult:
+        from ppg.env.conversation import run_conversations
+
+        start = time.perf_counter()
+        missing = [p for p in request.persona_ids if p not in self.personas]
+        if missing:
+            raise KeyError(f"unknown persona ids {missing[:5]}")
+        personas = [self.personas[p] for p in request.persona_ids]
+        policy = TimedPolicy(TokenPolicy(self.engine, self.sampling, self.config.model.max_model_len))
+        version = self.policy_version  # weights change only between requests (actor calls are serial)
+        conversations = run_conversations(self.env.problem, personas, list(request.seeds), policy,
+                                          self.env.partner, self.env.judge)
+        episodes = [
+            Episode(self.env.problem.name, c.persona.id, g, version, c.messages, list(c.rewards), list(c.segment_ids),
+                    t.ids, t.agent_mask, t.token_turn, t.logprobs)
+            for c, g, t in zip(conversations, request.group_ids, policy.inner.traces, strict=True)
+        ]
+        total = time.perf_counter() - start
+        seconds = {"generate": policy.seconds, "environment": total - policy.seconds, "total": total}
+        return RolloutResult(request.request_id, self.name, version, episodes, seconds)
+
+
+class TimedPolicy:
+    """Counts the time spent in the engine, to split generate from partner/judge time."""
+
+    def __init__(self, inner: TokenPolicy) -> None:
+        self.inner, self.seconds = inner, 0.0
+
+    def __call__(self, conversations: list[list[dict]]) -> list[str]:
+        start = time.perf_counter()
+        try:
+            return self.inner(conversations)
+        finally:
+            self.seconds += time.perf_counter() - start
