@@ -70,7 +70,9 @@ class ProblemConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["vllm", "hf"] = Field(default="vllm", description="vllm (production) or hf (transformers reference)")
+    engine: Literal["vllm", "hf"] = Field(
+        default="vllm", description="vllm (production) or hf (transformers reference)"
+    )
     num_workers: PositiveInt = Field(default=1, description="vLLM rollout actors; resizable during a run")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
@@ -79,8 +81,12 @@ class RolloutConfig(Section):
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens_per_turn: PositiveInt = 32
-    kv_cache_gib: float = Field(default=1.0, ge=0, description="vLLM KV cache per worker; 0 = vLLM decides (GPU)")
-    requests_per_worker: PositiveInt = Field(default=2, description="an iteration's groups are split into this many requests per worker")
+    kv_cache_gib: float = Field(
+        default=1.0, ge=0, description="vLLM KV cache per worker; 0 = vLLM decides (GPU)"
+    )
+    requests_per_worker: PositiveInt = Field(
+        default=2, description="an iteration's groups are split into this many requests per worker"
+    )
 
     @model_validator(mode="after")
     def _groups_divide_batch(self) -> RolloutConfig:

@@ -20,7 +20,9 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical slots: 2 workers + an LLM actor
+        ray.init(
+            num_cpus=4, include_dashboard=False, log_to_driver=False
+        )  # logical slots: 2 workers + an LLM actor
     addresses = {node["NodeManagerAddress"] for node in ray.nodes()}
     assert addresses == {"127.0.0.1"}, f"Ray is not on loopback: {addresses}"
     yield ray

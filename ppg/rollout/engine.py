@@ -119,13 +119,17 @@ class VLLMEngine:
             top_p=sampling.top_p,
             logprobs=0,
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
         generations = []
         for out in outputs:
             sample = out.outputs[0]
             ids = list(sample.token_ids)
             logprobs = [sample.logprobs[i][t].logprob for i, t in enumerate(ids)]
-            generations.append(Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+            generations.append(
+                Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length")
+            )
         return generations
 
     def update_weights(self, weights: Weights) -> None:
@@ -145,7 +149,9 @@ class HFEngine:
 
         config = config or EngineConfig()
         self.model_path = str(model_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.model_path, trust_remote_code=config.trust_remote_code
+        )
         self.model = AutoModelForCausalLM.from_pretrained(
             self.model_path, dtype=getattr(torch, config.dtype), trust_remote_code=config.trust_remote_code
         ).eval()
@@ -166,8 +172,13 @@ class HFEngine:
         past = None
         step_ids, positions = ids, (mask.cumsum(1) - 1).clamp(min=0)
         for _ in range(sampling.max_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=past, use_cache=True)
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+            )
             past = out.past_key_values
             logits = out.logits[:, -1].float()  # [B, V]
             next_ids = self._sample(logits, sampling)  # [B]
@@ -182,7 +193,10 @@ class HFEngine:
             step_ids = next_ids[:, None]
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
             positions = positions[:, -1:] + 1
-        return [Generation(i, lp, "stop" if i and i[-1] in self.stop else "length") for i, lp in zip(out_ids, out_lps, strict=True)]
+        return [
+            Generation(i, lp, "stop" if i and i[-1] in self.stop else "length")
+            for i, lp in zip(out_ids, out_lps, strict=True)
+        ]
 
     def _sample(self, logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
         if sampling.temperature == 0:
@@ -198,7 +212,9 @@ class HFEngine:
         state = load_state_dict(weights) if isinstance(weights, (str, Path)) else weights
         missing, unexpected = self.model.load_state_dict(dict(state), strict=False)
         if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
-            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
 
 
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:

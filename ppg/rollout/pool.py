@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 
 class RolloutPool:
-    def __init__(self, config: PPGConfig, model_path: str, num_workers: int | None = None,
-                 name_prefix: str = "ppg-rollout") -> None:
+    def __init__(
+        self,
+        config: PPGConfig,
+        model_path: str,
+        num_workers: int | None = None,
+        name_prefix: str = "ppg-rollout",
+    ) -> None:
         import ray
 
         self._ray = ray
@@ -64,10 +69,17 @@ class RolloutPool:
         name = f"{self.name_prefix}-{self._next_index}"
         self._next_index += 1
         env_vars = vllm_environment(EngineConfig(kv_cache_gib=r.kv_cache_gib))
-        actor = _remote_worker_class().options(
-            name=name, num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker, max_restarts=0,
-            runtime_env={"env_vars": env_vars},
-        ).remote(self.config.model_dump(mode="json"), self.model_path, name, r.engine)
+        actor = (
+            _remote_worker_class()
+            .options(
+                name=name,
+                num_cpus=r.cpus_per_worker,
+                num_gpus=r.gpus_per_worker,
+                max_restarts=0,
+                runtime_env={"env_vars": env_vars},
+            )
+            .remote(self.config.model_dump(mode="json"), self.model_path, name, r.engine)
+        )
         self._ray.get(actor.ready.remote())
         if self._weights is not None:  # current weights before any work
             self._ray.get(actor.update_weights.remote(self.policy_version, self._weights))
@@ -94,7 +106,9 @@ class RolloutPool:
     def versions(self) -> dict[str, int]:
         with self._lock:
             names = list(self.workers)
-            return dict(zip(names, self._ray.get([self.workers[n].version.remote() for n in names]), strict=True))
+            return dict(
+                zip(names, self._ray.get([self.workers[n].version.remote() for n in names]), strict=True)
+            )
 
     # --- work ---------------------------------------------------------------------------------
 
@@ -125,8 +139,12 @@ class RolloutPool:
                     try:
                         result = self._ray.get(ref)
                     except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
-                        log.warning("rollout worker %s died (%s); replacing it and re-issuing request %d",
-                                    name, type(e).__name__, request.request_id)
+                        log.warning(
+                            "rollout worker %s died (%s); replacing it and re-issuing request %d",
+                            name,
+                            type(e).__name__,
+                            request.request_id,
+                        )
                         with self._lock:
                             self.workers.pop(name, None)
                             self.replaced += 1
@@ -154,8 +172,15 @@ def _remote_worker_class() -> Any:
     return ray.remote(RolloutWorker)
 
 
-def plan_requests(personas: list[Persona], num_episodes: int, group_size: int, num_requests: int,
-                  seed: int, first_request_id: int = 0, split: str = "train") -> list[RolloutRequest]:
+def plan_requests(
+    personas: list[Persona],
+    num_episodes: int,
+    group_size: int,
+    num_requests: int,
+    seed: int,
+    first_request_id: int = 0,
+    split: str = "train",
+) -> list[RolloutRequest]:
     """An iteration's work: num_episodes / group_size groups, each ``group_size`` conversations with
     one persona and one conversation seed (same plan, independent samples: the group baseline's
     "same prompt"), split into up to ``num_requests`` requests of whole groups. Deterministic in seed."""
@@ -167,11 +192,13 @@ def plan_requests(personas: list[Persona], num_episodes: int, group_size: int, n
     requests = []
     for k in range(num_requests):
         chunk = list(range(len(groups)))[k::num_requests]
-        requests.append(RolloutRequest(
-            request_id=first_request_id + k,
-            persona_ids=tuple(groups[g][0] for g in chunk for _ in range(group_size)),
-            seeds=tuple(groups[g][1] for g in chunk for _ in range(group_size)),
-            group_ids=tuple(g for g in chunk for _ in range(group_size)),
-            split=split,
-        ))
+        requests.append(
+            RolloutRequest(
+                request_id=first_request_id + k,
+                persona_ids=tuple(groups[g][0] for g in chunk for _ in range(group_size)),
+                seeds=tuple(groups[g][1] for g in chunk for _ in range(group_size)),
+                group_ids=tuple(g for g in chunk for _ in range(group_size)),
+                split=split,
+            )
+        )
     return requests

@@ -30,14 +30,14 @@ class TokenTrace:
                 "the chat template is not prefix-stable (rendering a later turn changed earlier text); "
                 "per-turn credit needs a template where each message appends text"
             )
-        new = tokenizer.encode(text[len(self.text):], add_special_tokens=False)
+        new = tokenizer.encode(text[len(self.text) :], add_special_tokens=False)
         self._append(new, agent=False, logprobs=[0.0] * len(new))
         self.text = text
 
     def add_reply(self, tokenizer, generation: Generation, closed_text: str) -> None:
         """Append the sampled ids; ``closed_text`` is the template rendering through this reply."""
         sampled = tokenizer.decode(generation.token_ids, skip_special_tokens=False)
-        block = closed_text[len(self.text):] if closed_text.startswith(self.text) else None
+        block = closed_text[len(self.text) :] if closed_text.startswith(self.text) else None
         if block is None or not block.startswith(sampled):
             raise RenderError(
                 f"the chat template renders the reply as {block!r}, which does not start with the sampled "
@@ -77,10 +77,14 @@ class TokenPolicy:
         replies = []
         for trace, messages, generation in zip(self.traces, conversations, generations, strict=True):
             reply = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-            closed = self._render([*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False)
+            closed = self._render(
+                [*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False
+            )
             trace.add_reply(self.tokenizer, generation, closed)
             replies.append(reply)
         return replies
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )

@@ -45,8 +45,13 @@ class RolloutWorker:
         self.config = PPGConfig.model_validate(config)
         self.name = name
         m, r = self.config.model, self.config.rollout
-        engine_config = EngineConfig(dtype=m.dtype, max_model_len=m.max_model_len, trust_remote_code=m.trust_remote_code,
-                                     seed=self.config.run.seed, kv_cache_gib=r.kv_cache_gib)
+        engine_config = EngineConfig(
+            dtype=m.dtype,
+            max_model_len=m.max_model_len,
+            trust_remote_code=m.trust_remote_code,
+            seed=self.config.run.seed,
+            kv_cache_gib=r.kv_cache_gib,
+        )
         self.engine = make_engine(engine, model_path, engine_config)
         self.env = make_environment(self.config, llm=self._shared_llm())
         self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
@@ -87,11 +92,23 @@ class RolloutWorker:
         personas = [self.personas[p] for p in request.persona_ids]
         policy = TimedPolicy(TokenPolicy(self.engine, self.sampling, self.config.model.max_model_len))
         version = self.policy_version  # weights change only between requests (actor calls are serial)
-        conversations = run_conversations(self.env.problem, personas, list(request.seeds), policy,
-                                          self.env.partner, self.env.judge)
+        conversations = run_conversations(
+            self.env.problem, personas, list(request.seeds), policy, self.env.partner, self.env.judge
+        )
         episodes = [
-            Episode(self.env.problem.name, c.persona.id, g, version, c.messages, list(c.rewards), list(c.segment_ids),
-                    t.ids, t.agent_mask, t.token_turn, t.logprobs)
+            Episode(
+                self.env.problem.name,
+                c.persona.id,
+                g,
+                version,
+                c.messages,
+                list(c.rewards),
+                list(c.segment_ids),
+                t.ids,
+                t.agent_mask,
+                t.token_turn,
+                t.logprobs,
+            )
             for c, g, t in zip(conversations, request.group_ids, policy.inner.traces, strict=True)
         ]
         total = time.perf_counter() - start
