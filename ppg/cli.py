@@ -10,6 +10,10 @@ from ppg.config import ConfigError, load_config
 EXAMPLES = """examples:
   ppg config show
   ppg config show --config examples/greedy.yaml objective.policy_class.type=k_step objective.policy_class.k=2
+  ppg train                                                   # the embedded default
+  ppg train --config examples/greedy.yaml run.iterations=50
+  ppg train --resume runs/default-20261125-120000             # continue from the latest checkpoint
+  ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic
   ppg problems
   ppg model build                      # build (once) and print the embedded tiny model's folder
 """
@@ -55,6 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(build)
     build.set_defaults(handler=cmd_model_build)
 
+    train = commands.add_parser("train", help="train a policy (rollouts -> PPG update -> weight broadcast)",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a checkpoint on a problem's held-out personas",
+                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
+    evaluate.add_argument("--problem", help="problem name (default: the checkpoint's)")
+    evaluate.add_argument("--episodes", type=int, default=32, help="conversations to score (default 32)")
+    evaluate.set_defaults(handler=cmd_eval)
+
     problems = commands.add_parser(
         "problems", help="list the registered problems and which policy class should win"
     )
@@ -89,6 +107,27 @@ def cmd_model_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from ppg.driver import train
+
+    if args.resume:
+        run_dir = train(resume=args.resume, overrides=args.overrides)
+    else:
+        run_dir = train(load_config(args.config, args.overrides))
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from ppg.evaluate import evaluate
+
+    result = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def cmd_problems(args: argparse.Namespace) -> int:
     from ppg.env.problems import PROBLEMS
 
@@ -103,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # our errors name the field and the fix
         print(f"ppg: {e}", file=sys.stderr)
         return 2
 

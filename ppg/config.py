@@ -105,11 +105,15 @@ class LearnerConfig(Section):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
     loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
-    max_staleness: int = Field(
-        default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy"
+    max_staleness: int = Field(default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy")
+    off_policy: Literal["reject", "importance"] = Field(
+        default="importance",
+        description="episodes within max_staleness but not on-policy: importance-weight them, or drop them",
     )
+    importance_clip: float = Field(default=2.0, gt=0, description="truncation of per-token importance weights")
 
 
 class ServeConfig(Section):
@@ -127,6 +131,7 @@ class RunConfig(Section):
     iterations: PositiveInt = 20
     checkpoint_every: PositiveInt = 10
     keep_last: PositiveInt = 3
+    async_rollouts: bool = Field(default=False, description="overlap the next iteration's rollouts with the update")
 
 
 class PPGConfig(Section):

@@ -110,9 +110,12 @@ class EpisodeBatch:
     segment_ids: torch.Tensor  # [B, T] long
     group_ids: torch.Tensor  # [B] long
     policy_versions: torch.Tensor  # [B] long
+    behaviour_logprobs: torch.Tensor | None = None  # [B, L] log-probs the sampler reported, if all have them
 
 
 def collate(episodes: list[Episode], pad_id: int = 0) -> EpisodeBatch:
+    if not episodes:
+        raise ValueError("cannot collate an empty list of episodes")
     B = len(episodes)
     L = max(len(e.token_ids) for e in episodes)
     T = max(e.num_turns for e in episodes)
@@ -127,8 +130,12 @@ def collate(episodes: list[Episode], pad_id: int = 0) -> EpisodeBatch:
         group_ids=torch.tensor([e.group_id for e in episodes], dtype=torch.long),
         policy_versions=torch.tensor([e.policy_version for e in episodes], dtype=torch.long),
     )
+    if all(e.logprobs is not None for e in episodes):
+        batch.behaviour_logprobs = torch.zeros(B, L, dtype=torch.float32)
     for b, e in enumerate(episodes):
         n, t = len(e.token_ids), e.num_turns
+        if batch.behaviour_logprobs is not None:
+            batch.behaviour_logprobs[b, :n] = torch.tensor(e.logprobs)
         batch.token_ids[b, :n] = torch.tensor(e.token_ids)
         batch.attention_mask[b, :n] = True
         batch.agent_mask[b, :n] = torch.tensor(e.agent_mask)

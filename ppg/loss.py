@@ -45,11 +45,14 @@ def policy_gradient_loss(
     token_turn: Tensor,  # [B, L] long: the turn t each token belongs to (any value off the agent mask)
     advantages: Tensor,  # [B, T] G - b from Objective.advantages (detached)
     reduction: LossReduction = "sequence_mean",
+    token_weights: Tensor | None = None,  # [B, L] e.g. importance weights for stale episodes (detached)
 ) -> Tensor:
-    """-(1/N) sum_tokens log pi(token) * advantage[turn of token], over the agent's tokens only."""
+    """-(1/N) sum_tokens w * log pi(token) * advantage[turn of token], over the agent's tokens only."""
     B, T = advantages.shape
     check_token_batch(logprobs, agent_mask, token_turn, T)
     token_advantage = advantages.detach().gather(1, token_turn.clamp(0, T - 1))  # [B, L]
+    if token_weights is not None:
+        token_advantage = token_advantage * token_weights.detach()
     weighted = torch.where(agent_mask, logprobs * token_advantage, torch.zeros_like(logprobs))  # [B, L]
     if reduction == "sequence_mean":
         return -weighted.sum() / B

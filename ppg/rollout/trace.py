@@ -58,10 +58,12 @@ class TokenTrace:
 class TokenPolicy:
     """A ``run_conversations`` policy over a token-level engine, keeping one trace per conversation."""
 
-    def __init__(self, engine: Engine, sampling: SamplingSpec, max_model_len: int | None = None) -> None:
+    def __init__(self, engine: Engine, sampling: SamplingSpec, max_model_len: int | None = None,
+                 seeds: list[int] | None = None) -> None:
         self.engine, self.sampling, self.max_model_len = engine, sampling, max_model_len
         self.tokenizer = engine.tokenizer
         self.traces: list[TokenTrace] = []
+        self.seeds = seeds  # per conversation; turn t samples with seed + 7919 * t
 
     def __call__(self, conversations: list[list[dict]]) -> list[str]:
         if not self.traces:
@@ -73,7 +75,9 @@ class TokenPolicy:
                     f"conversation of {len(trace.ids)} tokens + rollout.max_tokens_per_turn={self.sampling.max_tokens} "
                     f"exceeds model.max_model_len={self.max_model_len}; shorten problem.num_turns or raise the limit"
                 )
-        generations = self.engine.generate([t.ids for t in self.traces], self.sampling)
+        turn = self.traces[0].turns
+        seeds = None if self.seeds is None else [(s + 7919 * turn) % 2**31 for s in self.seeds]
+        generations = self.engine.generate([t.ids for t in self.traces], self.sampling, seeds)
         replies = []
         for trace, messages, generation in zip(self.traces, conversations, generations, strict=True):
             reply = self.tokenizer.decode(generation.token_ids, skip_special_tokens=True)

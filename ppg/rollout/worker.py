@@ -27,6 +27,7 @@ class RolloutRequest:
     seeds: tuple[int, ...]
     group_ids: tuple[int, ...]
     split: str = "train"  # or "eval": held-out personas
+    sampling_seed: int | None = None  # conversation i samples with its own stream: reproducible anywhere
 
 
 @dataclass
@@ -90,7 +91,10 @@ class RolloutWorker:
         if missing:
             raise KeyError(f"unknown persona ids {missing[:5]}")
         personas = [self.personas[p] for p in request.persona_ids]
-        policy = TimedPolicy(TokenPolicy(self.engine, self.sampling, self.config.model.max_model_len))
+        seeds = None
+        if request.sampling_seed is not None:
+            seeds = [(request.sampling_seed * 1_000_003 + i) % 2**31 for i in range(len(personas))]
+        policy = TimedPolicy(TokenPolicy(self.engine, self.sampling, self.config.model.max_model_len, seeds))
         version = self.policy_version  # weights change only between requests (actor calls are serial)
         conversations = run_conversations(
             self.env.problem, personas, list(request.seeds), policy, self.env.partner, self.env.judge

@@ -1,0 +1,442 @@
+"""Rollout speed: vLLM vs transformers generation, episodes/s with 1 and 2 workers, weight-update latency.
+
+Three sections, each measured against a baseline taken in the same run:
+
+  throughput  tokens/s of VLLMEngine vs the batched HFEngine (transformers, KV cache, left padding) on the
+              same tiny model and prompts (chat prompts from the warm-start corpus), per batch size
+  workers     episodes/s of a RolloutPool (vLLM workers as Ray actors on a loopback cluster) with 1 and 2
+              workers on the same requests, split into engine time (generate) and partner+judge time
+  weights     latency of VLLMEngine.update_weights from a state dict and from a checkpoint folder, and of the
+              pool's broadcast to 1 and 2 workers (object store + reload), vs copying the state dict in
+              memory ({k: v.clone()}) and loading it into the transformers model
+
+The transformers baseline runs before any vLLM engine starts in this process (starting one pins torch to
+one thread); the torch thread count each row ran with is in the CSV.
+
+    python benchmarks/rollout.py                          # writes benchmarks/results/rollout.{csv,md,png}
+    python benchmarks/rollout.py --sections throughput --batch-sizes 8 --repeats 2   # quicker
+"""
+
+from __future__ import annotations
+
+import os
+
+# Ray reads this once, at import: a local node then uses 127.0.0.1 and listens on loopback only.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import gc  # noqa: E402
+import io  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("throughput", "workers", "weights")
+FIELDS = [
+    "section",
+    "case",
+    "size",
+    "value",
+    "unit",
+    "min",
+    "max",
+    "repeats",
+    "baseline",
+    "ratio",
+    "generate_share",
+    "tokens_per_prompt",
+    "torch_threads",
+]
+
+
+def row(section, case, size, samples, unit, **extra) -> dict:
+    r = {f: "" for f in FIELDS}
+    r.update(
+        section=section,
+        case=case,
+        size=size,
+        value=statistics.median(samples),
+        unit=unit,
+        min=min(samples),
+        max=max(samples),
+        repeats=len(samples),
+        torch_threads=torch.get_num_threads(),
+    )
+    r.update(extra)
+    return r
+
+
+def timed(fn: Callable[[], object], repeats: int, progress: tqdm) -> list[float]:
+    """Seconds per call of fn, repeats times, after fn has been called once to warm up."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+        progress.update()
+    return out
+
+
+# --- throughput ----------------------------------------------------------------------------------
+
+
+def chat_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
+    from ppg.env.corpus import sft_conversations
+
+    return [
+        tokenizer.apply_chat_template(c[:2], tokenize=True, add_generation_prompt=True, return_dict=False)
+        for c in sft_conversations(n, seed=seed)
+    ]
+
+
+def throughput(engine, name, prompts, batch_sizes, sampling, repeats, progress) -> list[dict]:
+    rows = []
+    for b in batch_sizes:
+        progress.set_postfix_str(f"{name} generate, batch {b}")
+        batch = prompts[:b]
+        engine.generate(batch, sampling)  # warm-up
+        rates, lengths = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = engine.generate(batch, sampling)
+            seconds = time.perf_counter() - start
+            tokens = sum(len(g.token_ids) for g in out)
+            rates.append(tokens / seconds)
+            lengths.append(tokens / b)
+            progress.update()
+        rows.append(
+            row("throughput", f"{name} batch={b}", b, rates, "tokens/s", tokens_per_prompt=statistics.mean(lengths))
+        )
+    return rows
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+
+def episodes_per_second(pool, num_workers, args, progress, first_id) -> tuple[dict, int]:
+    from ppg.env.personas import load_personas
+    from ppg.rollout.pool import plan_requests
+
+    personas = load_personas()
+    progress.set_postfix_str(f"pool, {num_workers} worker(s): warm-up")
+    warm = plan_requests(personas, args.group_size * len(pool.workers), args.group_size, len(pool.workers),
+                         seed=args.seed + 999, first_request_id=first_id)
+    pool.collect(warm)  # every worker compiles/allocates before timing
+    first_id += len(warm)
+    rates, shares = [], []
+    for k in range(args.episode_repeats):
+        progress.set_postfix_str(f"pool, {num_workers} worker(s): {args.episodes} episodes")
+        requests = plan_requests(personas, args.episodes, args.group_size, args.requests,
+                                 seed=args.seed + k, first_request_id=first_id)
+        first_id += len(requests)
+        start = time.perf_counter()
+        results = pool.collect(requests)
+        seconds = time.perf_counter() - start
+        episodes = sum(len(r.episodes) for r in results)
+        generate = sum(r.seconds["generate"] for r in results)
+        total = sum(r.seconds["total"] for r in results)
+        rates.append(episodes / seconds)
+        shares.append(generate / total)
+        progress.update()
+    case = f"pool {num_workers} worker{'s' if num_workers > 1 else ''}"
+    return row("workers", case, num_workers, rates, "episodes/s", generate_share=statistics.mean(shares)), first_id
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+
+def run(args) -> list[dict]:
+    from ppg.models import resolve_model
+    from ppg.rollout.engine import EngineConfig, HFEngine, SamplingSpec, load_state_dict
+
+    sections = set(args.sections)
+    model_path = resolve_model(args.model)
+    state = load_state_dict(model_path)
+    sampling = SamplingSpec(max_tokens=args.max_tokens, temperature=args.temperature)
+    engine_config = EngineConfig(seed=args.seed)
+    steps = 0
+    if "throughput" in sections:
+        steps += 2 * len(args.batch_sizes) * args.repeats
+    if "workers" in sections:
+        steps += 2 * args.episode_repeats
+    if "weights" in sections:
+        steps += args.weight_repeats * (5 + (1 if "workers" in sections else 0) + 2)
+    progress = tqdm(total=steps, desc="rollout", unit="step")
+    rows: list[dict] = []
+    prompts: list[list[int]] = []
+
+    # 1. transformers (and the in-memory weight baselines) before vLLM pins torch to one thread.
+    if sections & {"throughput", "weights"}:
+        hf = HFEngine(model_path, engine_config)
+        if "throughput" in sections:
+            prompts = chat_prompts(hf.tokenizer, max(args.batch_sizes), args.seed)
+            rows += throughput(hf, "transformers", prompts, args.batch_sizes, sampling, args.repeats, progress)
+        if "weights" in sections:
+            progress.set_postfix_str("in-memory weight copies")
+            rows.append(row("weights", "state dict clone (in memory)", 1,
+                            timed(lambda: {k: v.clone() for k, v in state.items()}, args.weight_repeats, progress),
+                            "s"))
+            rows.append(row("weights", "transformers load_state_dict (in memory)", 1,
+                            timed(lambda: hf.update_weights(state), args.weight_repeats, progress), "s"))
+            rows.append(row("weights", "transformers update_weights (folder)", 1,
+                            timed(lambda: hf.update_weights(model_path), args.weight_repeats, progress), "s"))
+        del hf
+
+    # 2. vLLM in this process.
+    if sections & {"throughput", "weights"}:
+        from ppg.rollout.engine import VLLMEngine
+
+        progress.set_postfix_str("starting vLLM")
+        vllm = VLLMEngine(model_path, engine_config)
+        if "throughput" in sections:
+            rows += throughput(vllm, "vllm", prompts, args.batch_sizes, sampling, args.repeats, progress)
+        if "weights" in sections:
+            progress.set_postfix_str("vLLM weight updates")
+            rows.append(row("weights", "vllm update_weights (state dict)", 1,
+                            timed(lambda: vllm.update_weights(state), args.weight_repeats, progress), "s"))
+            rows.append(row("weights", "vllm update_weights (folder)", 1,
+                            timed(lambda: vllm.update_weights(model_path), args.weight_repeats, progress), "s"))
+        del vllm
+        gc.collect()
+
+    # 3. A RolloutPool on a local Ray cluster (reused when the caller started one).
+    if sections & {"workers", "weights"}:
+        import ray
+
+        from ppg.config import load_config
+        from ppg.rollout.pool import RolloutPool
+
+        started = not ray.is_initialized()
+        if started:
+            progress.set_postfix_str("starting Ray")
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        config = load_config(None, [f"problem.name={args.problem}", f"rollout.max_tokens_per_turn={args.max_tokens}",
+                                    f"rollout.temperature={args.temperature}", f"run.seed={args.seed}"])
+        first = 1 if "workers" in sections else 2
+        progress.set_postfix_str(f"starting {first} rollout worker(s)")
+        pool = RolloutPool(config, model_path, num_workers=first, name_prefix="bench-rollout")
+        request_id, version = 0, 0
+
+        def broadcast(weights):
+            nonlocal version
+            version += 1
+            acks = pool.update_weights(version, weights)
+            assert set(acks.values()) == {version}, acks
+
+        try:
+            if "workers" in sections:
+                r, request_id = episodes_per_second(pool, 1, args, progress, request_id)
+                rows.append(r)
+                if "weights" in sections:
+                    progress.set_postfix_str("pool broadcast, 1 worker")
+                    rows.append(row("weights", "pool broadcast to 1 worker (state dict)", 1,
+                                    timed(lambda: broadcast(state), args.weight_repeats, progress), "s"))
+                progress.set_postfix_str("starting the 2nd rollout worker")
+                pool.resize(2)
+                r, request_id = episodes_per_second(pool, 2, args, progress, request_id)
+                rows.append(r)
+            if "weights" in sections:
+                progress.set_postfix_str("pool broadcast, 2 workers")
+                rows.append(row("weights", "pool broadcast to 2 workers (state dict)", 2,
+                                timed(lambda: broadcast(state), args.weight_repeats, progress), "s"))
+                rows.append(row("weights", "pool broadcast to 2 workers (folder)", 2,
+                                timed(lambda: broadcast(str(model_path)), args.weight_repeats, progress), "s"))
+        finally:
+            pool.shutdown()
+            if started:
+                ray.shutdown()
+    progress.close()
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """ratio = value / the baseline's value (throughput: speed-up; latency: times as long as the baseline)."""
+    by_case = {r["case"]: r for r in rows}
+
+    def baseline_of(r) -> str | None:
+        if r["section"] == "throughput":
+            return f"transformers batch={r['size']}"
+        if r["section"] == "workers":
+            return "pool 1 worker"
+        if "folder" in r["case"]:
+            return "transformers update_weights (folder)"
+        return "state dict clone (in memory)"
+
+    for r in rows:
+        base = baseline_of(r)
+        if base in by_case and base != r["case"]:
+            r["baseline"], r["ratio"] = base, r["value"] / by_case[base]["value"]
+    return rows
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, buf.getvalue())
+
+
+def fmt(x: float) -> str:
+    if x == "":
+        return ""
+    return f"{x:.4g}" if abs(x) < 1000 else f"{x:,.0f}"
+
+
+def write_markdown(rows: list[dict], path: Path, command: str, machine: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        machine,
+        "",
+        "| section | case | median | unit | min - max | ratio vs baseline | baseline | notes |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for r in rows:
+        notes = [f"torch threads {r['torch_threads']}"]
+        if r["tokens_per_prompt"] != "":
+            notes.insert(0, f"{r['tokens_per_prompt']:.1f} tokens/prompt")
+        if r["generate_share"] != "":
+            notes.insert(0, f"generate {100 * r['generate_share']:.0f}% / environment "
+                            f"{100 * (1 - r['generate_share']):.0f}% of worker time")
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] != "" else "(baseline)"
+        lines.append(
+            f"| {r['section']} | {r['case']} | {fmt(r['value'])} | {r['unit']} | {fmt(r['min'])} - {fmt(r['max'])} "
+            f"| {ratio} | {r['baseline']} | {'; '.join(notes)} |"
+        )
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, text)
+    return text
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sections = [s for s in SECTIONS if any(r["section"] == s for r in rows)]
+    fig, axes = plt.subplots(1, len(sections), figsize=(5.2 * len(sections), 4.6), squeeze=False)
+    for ax, section in zip(axes[0], sections, strict=True):
+        sel = [r for r in rows if r["section"] == section]
+        if section == "throughput":
+            sizes = list(dict.fromkeys(r["size"] for r in sel))
+            width = 0.38
+            for k, engine in enumerate(("transformers", "vllm")):
+                vals = [next((r["value"] for r in sel if r["case"] == f"{engine} batch={b}"), 0) for b in sizes]
+                xs = [i + (k - 0.5) * width for i in range(len(sizes))]
+                ax.bar(xs, vals, width, label=engine)
+            ax.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
+            ax.set_ylabel("tokens/s (median)")
+            ax.set_title("generation throughput")
+            ax.legend()
+        elif section == "workers":
+            labels = [r["case"].replace("pool ", "") for r in sel]
+            gen = [r["value"] * r["generate_share"] for r in sel]
+            env = [r["value"] * (1 - r["generate_share"]) for r in sel]
+            ax.bar(labels, gen, label="generate share")
+            ax.bar(labels, env, bottom=gen, label="partner + judge share")
+            ax.set_ylabel("episodes/s (median)")
+            ax.set_title("RolloutPool episodes/s")
+            ax.legend()
+        else:
+            labels = [r["case"].replace(" (", "\n(") for r in sel]
+            ax.barh(range(len(sel)), [1000 * r["value"] for r in sel],
+                    color=["tab:gray" if "memory" in r["case"] or "transformers" in r["case"] else "tab:blue"
+                           for r in sel])
+            ax.set_yticks(range(len(sel)), labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+            ax.set_xlabel("ms per update (median, log)")
+            ax.set_title("weight-update latency")
+        ax.grid(alpha=0.3, axis="x" if section == "weights" else "y")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
+def machine_line(load_before: tuple[float, ...], seconds: float) -> str:
+    load_after = os.getloadavg()
+    return (
+        f"Machine: {os.cpu_count()} CPU cores, torch {torch.__version__}; load average (1 min) "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after; run took {seconds:.0f} s."
+    )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--model", default="embedded:tiny", help="model name for ppg.models.resolve_model")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="prompts per generate call")
+    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per generate call / agent turn")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per engine and batch size")
+    parser.add_argument("--problem", default="myopic", help="problem for the pool's episodes")
+    parser.add_argument("--episodes", type=int, default=64, help="episodes per timed collect")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=4, help="requests per collect (same for 1 and 2 workers)")
+    parser.add_argument("--episode-repeats", type=int, default=3, help="timed collects per worker count")
+    parser.add_argument("--weight-repeats", type=int, default=10, help="timed weight updates per case")
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads for the transformers baseline (vLLM later pins this process to 1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rollout.{csv,md,png}")
+    args = parser.parse_args(argv)
+    if min(args.batch_sizes) < 1 or args.max_tokens < 1 or min(args.repeats, args.episode_repeats, args.weight_repeats) < 1:
+        parser.error("--batch-sizes, --max-tokens and the repeat counts must be >= 1")
+    if args.episodes % args.group_size:
+        parser.error(f"--episodes ({args.episodes}) must be a multiple of --group-size ({args.group_size})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.torch_threads)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    command = "python benchmarks/rollout.py " + " ".join(
+        [
+            f"--sections {' '.join(args.sections)}",
+            f"--batch-sizes {' '.join(map(str, args.batch_sizes))}",
+            f"--max-tokens {args.max_tokens}",
+            f"--temperature {args.temperature}",
+            f"--repeats {args.repeats}",
+            f"--problem {args.problem}",
+            f"--episodes {args.episodes}",
+            f"--group-size {args.group_size}",
+            f"--requests {args.requests}",
+            f"--episode-repeats {args.episode_repeats}",
+            f"--weight-repeats {args.weight_repeats}",
+            f"--torch-threads {args.torch_threads}",
+            f"--seed {args.seed}",
+        ]
+    )
+    load_before, start = os.getloadavg(), time.perf_counter()
+    rows = run(args)
+    machine = machine_line(load_before, time.perf_counter() - start)
+    write_csv(rows, args.out / "rollout.csv")
+    print(write_markdown(rows, args.out / "rollout.md", command, machine))
+    plot(rows, args.out / "rollout.png")
+    print(f"wrote {args.out / 'rollout.csv'}, rollout.md, rollout.png")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

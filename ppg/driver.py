@@ -1,0 +1,109 @@
+"""``ppg train`` and ``ppg eval``: the system's main job, from a config to a trained, checkpointed policy.
+
+The driver connects to Ray (a local loopback cluster, or the cluster of ``ray job submit`` /
+``RAY_ADDRESS``), starts the rollout pool as a named actor (so it can be scaled from outside while
+the run goes), and runs the learner as a Ray Train ``TorchTrainer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ppg.config import PPGConfig, load_config
+
+log = logging.getLogger(__name__)
+
+
+def connect_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def new_run_dir(config: PPGConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.output_dir).resolve() / f"{config.run.name}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def train(config: PPGConfig | None = None, resume: Path | None = None, overrides: list[str] | None = None,
+          run_dir: Path | None = None) -> Path:
+    """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint."""
+    from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
+    from ppg.models import resolve_model
+
+    resume_from = None
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        config = load_config(run_dir / "config.yaml", overrides)
+        resume_from = latest_checkpoint(run_dir)
+        policy_path = str(validate_checkpoint(resume_from))
+    else:
+        assert config is not None
+        run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        policy_path = None
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(config.to_yaml())
+    os.replace(tmp, run_dir / "config.yaml")
+
+    reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
+    policy_path = policy_path or reference_path
+    connect_ray()
+    pool = start_pool(config, policy_path)
+    try:
+        fit(config, run_dir, policy_path, reference_path, resume_from)
+    finally:
+        import ray
+
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+    from ppg.learner.metrics import plot_rewards, read_metrics
+
+    if read_metrics(run_dir):
+        plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
+    return run_dir
+
+
+def start_pool(config: PPGConfig, policy_path: str):
+    import ray
+
+    from ppg.learner.loop import POOL_ACTOR
+    from ppg.rollout.pool import RolloutPool
+
+    actor = ray.remote(RolloutPool).options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8).remote(config, policy_path)
+    ray.get(actor.versions.remote())  # wait until the workers are up
+    return actor
+
+
+def fit(config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str, resume_from: Path | None) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ppg.learner.loop import train_loop_per_worker
+
+    learner = config.learner
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": config.model_dump(mode="json"), "run_dir": str(run_dir), "policy_path": policy_path,
+            "reference_path": reference_path, "tokenizer_dir": reference_path,
+            "resume_from": str(resume_from) if resume_from else None,
+        },
+        scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
+        run_config=RunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
+    )
+    trainer.fit()

@@ -1,0 +1,72 @@
+"""Run outputs: metrics as JSONL (one line per iteration) and TensorBoard events, and the reward plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:  # TensorBoard events are optional; the JSONL is the record
+            self.tb = None
+
+    def write(self, iteration: int, metrics: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, iteration)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {r["iteration"]: r for r in rows}  # a resumed run rewrites iterations after its checkpoint
+    return [latest[i] for i in sorted(latest)]
+
+
+def plot_rewards(run_dir: Path, title: str) -> Path:
+    """reward.png: mean reward per iteration (and a moving average) for this run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    xs = [r["iteration"] for r in rows]
+    ys = [r["reward_mean"] for r in rows]
+    window = max(1, len(ys) // 10)
+    smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(xs, ys, alpha=0.4, label="mean reward per turn")
+    ax.plot(xs, smooth, label=f"moving average ({window})")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "reward.png"
+    tmp = out.with_name(".reward.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, out)
+    plt.close(fig)
+    return out
