@@ -52,9 +52,12 @@ FIELDS = [
     "repeats",
     "baseline",
     "ratio",
+    "generate_s",
+    "environment_s",
     "generate_share",
     "tokens_per_prompt",
     "torch_threads",
+    "load_1min",
 ]
 
 
@@ -70,6 +73,7 @@ def row(section, case, size, samples, unit, **extra) -> dict:
         max=max(samples),
         repeats=len(samples),
         torch_threads=torch.get_num_threads(),
+        load_1min=os.getloadavg()[0],
     )
     r.update(extra)
     return r
@@ -115,7 +119,14 @@ def throughput(engine, name, prompts, batch_sizes, sampling, repeats, progress) 
             lengths.append(tokens / b)
             progress.update()
         rows.append(
-            row("throughput", f"{name} batch={b}", b, rates, "tokens/s", tokens_per_prompt=statistics.mean(lengths))
+            row(
+                "throughput",
+                f"{name} batch={b}",
+                b,
+                rates,
+                "tokens/s",
+                tokens_per_prompt=statistics.mean(lengths),
+            )
         )
     return rows
 
@@ -129,27 +140,50 @@ def episodes_per_second(pool, num_workers, args, progress, first_id) -> tuple[di
 
     personas = load_personas()
     progress.set_postfix_str(f"pool, {num_workers} worker(s): warm-up")
-    warm = plan_requests(personas, args.group_size * len(pool.workers), args.group_size, len(pool.workers),
-                         seed=args.seed + 999, first_request_id=first_id)
+    warm = plan_requests(
+        personas,
+        args.group_size * len(pool.workers),
+        args.group_size,
+        len(pool.workers),
+        seed=args.seed + 999,
+        first_request_id=first_id,
+    )
     pool.collect(warm)  # every worker compiles/allocates before timing
     first_id += len(warm)
-    rates, shares = [], []
+    rates, generate, environment = [], [], []
     for k in range(args.episode_repeats):
         progress.set_postfix_str(f"pool, {num_workers} worker(s): {args.episodes} episodes")
-        requests = plan_requests(personas, args.episodes, args.group_size, args.requests,
-                                 seed=args.seed + k, first_request_id=first_id)
+        requests = plan_requests(
+            personas,
+            args.episodes,
+            args.group_size,
+            args.requests,
+            seed=args.seed + k,
+            first_request_id=first_id,
+        )
         first_id += len(requests)
         start = time.perf_counter()
         results = pool.collect(requests)
         seconds = time.perf_counter() - start
-        episodes = sum(len(r.episodes) for r in results)
-        generate = sum(r.seconds["generate"] for r in results)
-        total = sum(r.seconds["total"] for r in results)
-        rates.append(episodes / seconds)
-        shares.append(generate / total)
+        rates.append(sum(len(r.episodes) for r in results) / seconds)
+        generate.append(sum(r.seconds["generate"] for r in results))  # summed over workers
+        environment.append(sum(r.seconds["environment"] for r in results))
         progress.update()
     case = f"pool {num_workers} worker{'s' if num_workers > 1 else ''}"
-    return row("workers", case, num_workers, rates, "episodes/s", generate_share=statistics.mean(shares)), first_id
+    g, e = statistics.median(generate), statistics.median(environment)
+    # torch_threads: Ray sets OMP_NUM_THREADS=1 in each worker (cpus_per_worker=1), so each engine runs 1 thread.
+    r = row(
+        "workers",
+        case,
+        num_workers,
+        rates,
+        "episodes/s",
+        generate_s=g,
+        environment_s=e,
+        generate_share=g / (g + e),
+        torch_threads=1,
+    )
+    return r, first_id
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -180,16 +214,38 @@ def run(args) -> list[dict]:
         hf = HFEngine(model_path, engine_config)
         if "throughput" in sections:
             prompts = chat_prompts(hf.tokenizer, max(args.batch_sizes), args.seed)
-            rows += throughput(hf, "transformers", prompts, args.batch_sizes, sampling, args.repeats, progress)
+            rows += throughput(
+                hf, "transformers", prompts, args.batch_sizes, sampling, args.repeats, progress
+            )
         if "weights" in sections:
             progress.set_postfix_str("in-memory weight copies")
-            rows.append(row("weights", "state dict clone (in memory)", 1,
-                            timed(lambda: {k: v.clone() for k, v in state.items()}, args.weight_repeats, progress),
-                            "s"))
-            rows.append(row("weights", "transformers load_state_dict (in memory)", 1,
-                            timed(lambda: hf.update_weights(state), args.weight_repeats, progress), "s"))
-            rows.append(row("weights", "transformers update_weights (folder)", 1,
-                            timed(lambda: hf.update_weights(model_path), args.weight_repeats, progress), "s"))
+            rows.append(
+                row(
+                    "weights",
+                    "state dict clone (in memory)",
+                    1,
+                    timed(lambda: {k: v.clone() for k, v in state.items()}, args.weight_repeats, progress),
+                    "s",
+                )
+            )
+            rows.append(
+                row(
+                    "weights",
+                    "transformers load_state_dict (in memory)",
+                    1,
+                    timed(lambda: hf.update_weights(state), args.weight_repeats, progress),
+                    "s",
+                )
+            )
+            rows.append(
+                row(
+                    "weights",
+                    "transformers update_weights (folder)",
+                    1,
+                    timed(lambda: hf.update_weights(model_path), args.weight_repeats, progress),
+                    "s",
+                )
+            )
         del hf
 
     # 2. vLLM in this process.
@@ -202,10 +258,24 @@ def run(args) -> list[dict]:
             rows += throughput(vllm, "vllm", prompts, args.batch_sizes, sampling, args.repeats, progress)
         if "weights" in sections:
             progress.set_postfix_str("vLLM weight updates")
-            rows.append(row("weights", "vllm update_weights (state dict)", 1,
-                            timed(lambda: vllm.update_weights(state), args.weight_repeats, progress), "s"))
-            rows.append(row("weights", "vllm update_weights (folder)", 1,
-                            timed(lambda: vllm.update_weights(model_path), args.weight_repeats, progress), "s"))
+            rows.append(
+                row(
+                    "weights",
+                    "vllm update_weights (state dict)",
+                    1,
+                    timed(lambda: vllm.update_weights(state), args.weight_repeats, progress),
+                    "s",
+                )
+            )
+            rows.append(
+                row(
+                    "weights",
+                    "vllm update_weights (folder)",
+                    1,
+                    timed(lambda: vllm.update_weights(model_path), args.weight_repeats, progress),
+                    "s",
+                )
+            )
         del vllm
         gc.collect()
 
@@ -220,8 +290,15 @@ def run(args) -> list[dict]:
         if started:
             progress.set_postfix_str("starting Ray")
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        config = load_config(None, [f"problem.name={args.problem}", f"rollout.max_tokens_per_turn={args.max_tokens}",
-                                    f"rollout.temperature={args.temperature}", f"run.seed={args.seed}"])
+        config = load_config(
+            None,
+            [
+                f"problem.name={args.problem}",
+                f"rollout.max_tokens_per_turn={args.max_tokens}",
+                f"rollout.temperature={args.temperature}",
+                f"run.seed={args.seed}",
+            ],
+        )
         first = 1 if "workers" in sections else 2
         progress.set_postfix_str(f"starting {first} rollout worker(s)")
         pool = RolloutPool(config, model_path, num_workers=first, name_prefix="bench-rollout")
@@ -239,18 +316,39 @@ def run(args) -> list[dict]:
                 rows.append(r)
                 if "weights" in sections:
                     progress.set_postfix_str("pool broadcast, 1 worker")
-                    rows.append(row("weights", "pool broadcast to 1 worker (state dict)", 1,
-                                    timed(lambda: broadcast(state), args.weight_repeats, progress), "s"))
+                    rows.append(
+                        row(
+                            "weights",
+                            "pool broadcast to 1 worker (state dict)",
+                            1,
+                            timed(lambda: broadcast(state), args.weight_repeats, progress),
+                            "s",
+                        )
+                    )
                 progress.set_postfix_str("starting the 2nd rollout worker")
                 pool.resize(2)
                 r, request_id = episodes_per_second(pool, 2, args, progress, request_id)
                 rows.append(r)
             if "weights" in sections:
                 progress.set_postfix_str("pool broadcast, 2 workers")
-                rows.append(row("weights", "pool broadcast to 2 workers (state dict)", 2,
-                                timed(lambda: broadcast(state), args.weight_repeats, progress), "s"))
-                rows.append(row("weights", "pool broadcast to 2 workers (folder)", 2,
-                                timed(lambda: broadcast(str(model_path)), args.weight_repeats, progress), "s"))
+                rows.append(
+                    row(
+                        "weights",
+                        "pool broadcast to 2 workers (state dict)",
+                        2,
+                        timed(lambda: broadcast(state), args.weight_repeats, progress),
+                        "s",
+                    )
+                )
+                rows.append(
+                    row(
+                        "weights",
+                        "pool broadcast to 2 workers (folder)",
+                        2,
+                        timed(lambda: broadcast(str(model_path)), args.weight_repeats, progress),
+                        "s",
+                    )
+                )
         finally:
             pool.shutdown()
             if started:
@@ -316,9 +414,12 @@ def write_markdown(rows: list[dict], path: Path, command: str, machine: str) -> 
         notes = [f"torch threads {r['torch_threads']}"]
         if r["tokens_per_prompt"] != "":
             notes.insert(0, f"{r['tokens_per_prompt']:.1f} tokens/prompt")
-        if r["generate_share"] != "":
-            notes.insert(0, f"generate {100 * r['generate_share']:.0f}% / environment "
-                            f"{100 * (1 - r['generate_share']):.0f}% of worker time")
+        if r["section"] == "workers":
+            notes = [
+                f"torch threads 1 per worker; worker time: generate {r['generate_s']:.2f} s "
+                f"({100 * r['generate_share']:.1f}%), partner+judge {r['environment_s']:.3f} s"
+            ]
+        notes.append(f"load {r['load_1min']:.1f}")
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] != "" else "(baseline)"
         lines.append(
             f"| {r['section']} | {r['case']} | {fmt(r['value'])} | {r['unit']} | {fmt(r['min'])} - {fmt(r['max'])} "
@@ -343,7 +444,9 @@ def plot(rows: list[dict], path: Path) -> None:
             sizes = list(dict.fromkeys(r["size"] for r in sel))
             width = 0.38
             for k, engine in enumerate(("transformers", "vllm")):
-                vals = [next((r["value"] for r in sel if r["case"] == f"{engine} batch={b}"), 0) for b in sizes]
+                vals = [
+                    next((r["value"] for r in sel if r["case"] == f"{engine} batch={b}"), 0) for b in sizes
+                ]
                 xs = [i + (k - 0.5) * width for i in range(len(sizes))]
                 ax.bar(xs, vals, width, label=engine)
             ax.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
@@ -361,9 +464,14 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.legend()
         else:
             labels = [r["case"].replace(" (", "\n(") for r in sel]
-            ax.barh(range(len(sel)), [1000 * r["value"] for r in sel],
-                    color=["tab:gray" if "memory" in r["case"] or "transformers" in r["case"] else "tab:blue"
-                           for r in sel])
+            ax.barh(
+                range(len(sel)),
+                [1000 * r["value"] for r in sel],
+                color=[
+                    "tab:gray" if "memory" in r["case"] or "transformers" in r["case"] else "tab:blue"
+                    for r in sel
+                ],
+            )
             ax.set_yticks(range(len(sel)), labels, fontsize=7)
             ax.invert_yaxis()
             ax.set_xscale("log")
@@ -386,25 +494,43 @@ def machine_line(load_before: tuple[float, ...], seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--model", default="embedded:tiny", help="model name for ppg.models.resolve_model")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="prompts per generate call")
-    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per generate call / agent turn")
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="prompts per generate call"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=32, help="new tokens per generate call / agent turn"
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=5, help="timed generate calls per engine and batch size")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed generate calls per engine and batch size"
+    )
     parser.add_argument("--problem", default="myopic", help="problem for the pool's episodes")
     parser.add_argument("--episodes", type=int, default=64, help="episodes per timed collect")
     parser.add_argument("--group-size", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=4, help="requests per collect (same for 1 and 2 workers)")
+    parser.add_argument(
+        "--requests", type=int, default=4, help="requests per collect (same for 1 and 2 workers)"
+    )
     parser.add_argument("--episode-repeats", type=int, default=3, help="timed collects per worker count")
     parser.add_argument("--weight-repeats", type=int, default=10, help="timed weight updates per case")
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
-                        help="torch threads for the transformers baseline (vLLM later pins this process to 1)")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="torch threads for the transformers baseline (vLLM later pins this process to 1)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rollout.{csv,md,png}")
     args = parser.parse_args(argv)
-    if min(args.batch_sizes) < 1 or args.max_tokens < 1 or min(args.repeats, args.episode_repeats, args.weight_repeats) < 1:
+    if (
+        min(args.batch_sizes) < 1
+        or args.max_tokens < 1
+        or min(args.repeats, args.episode_repeats, args.weight_repeats) < 1
+    ):
         parser.error("--batch-sizes, --max-tokens and the repeat counts must be >= 1")
     if args.episodes % args.group_size:
         parser.error(f"--episodes ({args.episodes}) must be a multiple of --group-size ({args.group_size})")

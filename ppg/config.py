@@ -13,7 +13,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
-from ppg.objectives import Baseline, Objective, PolicyClass
+from ppg.objectives import Baseline, Greedy, GroupMean, Objective, PolicyClass
 
 EMBEDDED_MODEL = "embedded:tiny"
 
@@ -76,7 +76,7 @@ class RolloutConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="vLLM rollout actors; resizable during a run")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
-    episodes_per_iteration: PositiveInt = 16
+    episodes_per_iteration: PositiveInt = 32
     group_size: PositiveInt = Field(default=4, description="conversations per persona (group baseline)")
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
@@ -101,7 +101,7 @@ class RolloutConfig(Section):
 class LearnerConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="Ray Train (DDP) workers")
     use_gpu: bool = False
-    lr: float = Field(default=1e-4, gt=0)
+    lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -128,7 +128,7 @@ class RunConfig(Section):
     name: str = Field(default="default", min_length=1)
     output_dir: Path = Path("runs")
     seed: int = 0
-    iterations: PositiveInt = 20
+    iterations: PositiveInt = 60
     checkpoint_every: PositiveInt = 10
     keep_last: PositiveInt = 3
     async_rollouts: bool = Field(default=False, description="overlap the next iteration's rollouts with the update")
@@ -137,7 +137,8 @@ class RunConfig(Section):
 class PPGConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     problem: ProblemConfig = Field(default_factory=ProblemConfig)
-    objective: Objective = Field(default_factory=Objective)
+    # The main job's default: greedy credit with a group (RLOO) baseline, which the myopic problem favours.
+    objective: Objective = Field(default_factory=lambda: Objective(policy_class=Greedy(), baseline=GroupMean()))
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

@@ -49,7 +49,12 @@ def test_rollout_benchmark_writes_csv_markdown_and_png(ray_cluster, tmp_path):
     assert set(cases) == expected
     for r in rows:
         assert float(r["value"]) > 0 and float(r["min"]) <= float(r["value"]) <= float(r["max"]), r
-    for case in ("vllm batch=4", "pool 2 workers", "vllm update_weights (state dict)", "vllm update_weights (folder)"):
+    for case in (
+        "vllm batch=4",
+        "pool 2 workers",
+        "vllm update_weights (state dict)",
+        "vllm update_weights (folder)",
+    ):
         assert float(cases[case]["ratio"]) > 0 and cases[case]["baseline"], cases[case]
     assert 0 < float(cases["pool 2 workers"]["generate_share"]) < 1
     assert float(cases["transformers batch=4"]["torch_threads"]) >= 1

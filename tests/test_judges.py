@@ -35,15 +35,15 @@ def consistent(response: str, earlier: tuple[str, ...] = ()) -> float:
 @pytest.mark.parametrize(
     ("response", "expected"),
     [
-        ("hello. you should try jazz.", 0.6 + 0.2 + 0.2),  # liked, short, formal marker
-        ("you should try jazz.", 0.6 + 0.2),  # no register marker
-        ("hey! you should try jazz.", 0.6 + 0.2 - 0.2),  # casual marker for a formal persona
-        ("hello. you should try techno.", -0.6 + 0.2 + 0.2),  # disliked
-        ("hello. you should try jazz or techno.", 0.0 + 0.2 + 0.2),  # one liked, one disliked
-        ("hello. you should try blues.", 0.2 + 0.2),  # neither
-        ("hello. what music do you like?", 0.2 + 0.2),  # a question recommends nothing
-        ("hello. you should try jazz. " + "it is good " * 5, 0.6 - 0.2 + 0.2),  # too long for 'terse'
-        ("", -0.2),  # empty reply: nothing right, too short to count as a reply
+        ("hello. you should try jazz.", 0.5 + 0.15 + 0.15),  # liked, short, formal marker
+        ("you should try jazz.", 0.5 + 0.15),  # no register marker
+        ("hey! you should try jazz.", 0.5 + 0.15 - 0.15),  # casual marker for a formal persona
+        ("hello. you should try techno.", -0.5 + 0.15 + 0.15),  # disliked
+        ("hello. you should try jazz or techno.", 0.0 + 0.15 + 0.15),  # one liked, one disliked
+        ("hello. you should try blues.", 0.15 + 0.15),  # neither
+        ("hello. what music do you like?", 0.15 + 0.15),  # a question recommends nothing
+        ("hello. you should try jazz. " + "it is good " * 5, 0.5 - 0.15 + 0.15),  # too long for 'terse'
+        ("", -0.15),  # empty reply: nothing right, too short to count as a reply
     ],
 )
 def test_alignment_rules(response, expected):
@@ -70,6 +70,21 @@ def test_alignment_rules(response, expected):
 )
 def test_consistency_rules(response, earlier, expected):
     assert consistent(response, earlier) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("user", "response", "topic"),
+    [
+        ("any music ideas?", "you should try jazz.", 1.0),
+        ("any music ideas?", "you should try sushi.", -1.0),  # off topic (and neither liked nor disliked)
+        ("any music ideas?", "you should try jazz or sushi.", 0.0),
+        ("hello.", "you should try jazz.", 0.0),  # the user named no topic
+    ],
+)
+def test_alignment_rewards_staying_on_the_asked_topic(user, response, topic):
+    history = ({"role": "user", "content": user},)
+    score = RuleJudge().score([JudgeRequest(ALICE, history, response, "alignment")])[0]
+    assert score == pytest.approx(RuleJudge().score([JudgeRequest(ALICE, (), response, "alignment")])[0] + 0.2 * topic)
 
 
 def test_rule_scores_stay_in_the_documented_range():

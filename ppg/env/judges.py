@@ -38,15 +38,22 @@ class Judge(Protocol):
     def score(self, requests: list[JudgeRequest]) -> list[float]: ...
 
 
-def _sign(x: float) -> float:
-    return (x > 0) - (x < 0)
+def _topic(request: JudgeRequest, acts: dialogue.Acts) -> float:
+    """Is the reply's recommendation about what the user just asked for? (0 if nothing to compare)."""
+    last_user = next((m["content"] for m in reversed(request.history) if m["role"] == "user"), "")
+    asked = {c for c, w in dialogue.TOPIC_WORDS.items() if w in last_user.lower().split() or f"{w}?" in last_user}
+    if not asked or not acts.items:
+        return 0.0
+    on_topic = [dialogue.categories_of([i]) <= asked for i in acts.items]
+    return 1.0 if all(on_topic) else -1.0 if not any(on_topic) else 0.0
 
 
 class RuleJudge:
     """Exact rules over the parsed acts of the reply: fast, deterministic, and transparent.
 
-    alignment   = 0.6 * taste + 0.2 * length + 0.2 * formality
+    alignment   = 0.5 * taste + 0.2 * topic + 0.15 * length + 0.15 * formality
       taste     = mean over items put forward of +1 (liked) / -1 (disliked) / 0; 0 if none
+      topic     = +1 every item is in the category the user's last line names, -1 none is, else 0
       length    = +1 within the persona's max_words, else -1
       formality = +1 uses a marker of the persona's register, -1 of the other one, else 0
     consistency = mean over the reply's self-claims of (+1 persona-true / -1 persona-false / 0)
@@ -66,7 +73,7 @@ class RuleJudge:
         formal = persona.style.formality == "formal"
         matching, other = (acts.formal, acts.casual) if formal else (acts.casual, acts.formal)
         formality = float(matching) - float(other)
-        return 0.6 * taste + 0.2 * length + 0.2 * formality
+        return 0.5 * taste + 0.2 * _topic(request, acts) + 0.15 * length + 0.15 * formality
 
     @staticmethod
     def consistency(request: JudgeRequest) -> float:

@@ -103,7 +103,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "generate": max(r.seconds["generate"] for r in results),
                 "environment": max(r.seconds["environment"] for r in results),
             }, "dropped": dropped, "fingerprint": batch_fingerprint(fresh)}
-        payload = broadcast_from_rank_zero(payload)
+        # The batch travels through the object store; the collective only carries its reference.
+        [payload_ref] = broadcast_from_rank_zero([ray.put(payload)] if rank == 0 else None)
+        payload = ray.get(payload_ref)
         episodes, advantages = payload["episodes"], payload["advantages"]
 
         t_learn = time.perf_counter()
@@ -118,7 +120,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             unwrapped = model.module if hasattr(model, "module") else model
             weights = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
-            ray.get(pool.update_weights.remote(version, weights))
+            acks = ray.get(pool.update_weights.remote(version, weights))
+            if set(acks.values()) != {version}:
+                raise RuntimeError(f"weight broadcast incomplete: workers report versions {acks}, expected {version}")
             t_broadcast = time.perf_counter()
             rewards = [r for e in episodes for r in e.rewards]
             done = iteration + 1 - start_iteration
@@ -126,7 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {
                 "reward_mean": sum(rewards) / len(rewards),
                 "episode_return_mean": sum(sum(e.rewards) for e in episodes) / len(episodes),
-                "episodes": len(episodes), "dropped_stale": payload["dropped"],
+                "episodes": len(episodes), "dropped_stale": payload["dropped"], "weights_acked_by": len(acks),
                 "policy_version": version, "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl,
                 "grad_norm": stats.grad_norm, "lr": stats.lr, "importance_weight": stats.importance_weight,
                 "episodes_per_s": len(episodes) / (t_update - t0),

@@ -34,18 +34,24 @@ class TokenTrace:
         self._append(new, agent=False, logprobs=[0.0] * len(new))
         self.text = text
 
-    def add_reply(self, tokenizer, generation: Generation, closed_text: str) -> None:
-        """Append the sampled ids; ``closed_text`` is the template rendering through this reply."""
-        sampled = tokenizer.decode(generation.token_ids, skip_special_tokens=False)
-        block = closed_text[len(self.text) :] if closed_text.startswith(self.text) else None
-        if block is None or not block.startswith(sampled):
+    def add_reply(self, tokenizer, generation: Generation, content: str, closed_text: str) -> None:
+        """Append the sampled ids as the agent's; ``closed_text`` renders the conversation through the
+        reply (with ``content``, the reply as text). The end-of-turn text the template writes and the
+        model did not sample is appended as context. Stray special tokens the model sampled inside its
+        reply stay in the trace: the learner scores exactly what was sampled."""
+        block = closed_text[len(self.text):] if closed_text.startswith(self.text) else None
+        if block is None or not block.startswith(content):
             raise RenderError(
-                f"the chat template renders the reply as {block!r}, which does not start with the sampled "
-                f"text {sampled!r}; the template must write the assistant's content verbatim"
+                f"the chat template renders the reply as {block!r}, which does not start with the reply "
+                f"{content!r}; the template must write the assistant's content verbatim"
             )
+        suffix = block[len(content):]
+        sampled = tokenizer.decode(generation.token_ids, skip_special_tokens=False)
+        emitted = max(k for k in range(len(suffix) + 1) if sampled.endswith(suffix[:k]))
         self._append(generation.token_ids, agent=True, logprobs=generation.logprobs)
-        self.text += sampled
-        self.add_context(tokenizer, closed_text)  # what the template closes the turn with
+        closing = tokenizer.encode(suffix[emitted:], add_special_tokens=False) if suffix[emitted:] else []
+        self._append(closing, agent=False, logprobs=[0.0] * len(closing))
+        self.text = closed_text
         self.turns += 1
 
     def _append(self, ids: list[int], agent: bool, logprobs: list[float]) -> None:
@@ -84,7 +90,7 @@ class TokenPolicy:
             closed = self._render(
                 [*messages, {"role": "assistant", "content": reply}], add_generation_prompt=False
             )
-            trace.add_reply(self.tokenizer, generation, closed)
+            trace.add_reply(self.tokenizer, generation, reply, closed)
             replies.append(reply)
         return replies
 

@@ -1,0 +1,202 @@
+"""The learner: exact sharded updates, staleness, checkpoints (atomic, validated), and `ppg train` end to
+end in a real local Ray cluster - one full iteration, broadcast, checkpoint, and exact resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ppg.config import LearnerConfig, load_config
+from ppg.env.conversation import run_conversations
+from ppg.env.corpus import scripted_agent
+from ppg.env.judges import RuleJudge
+from ppg.env.partners import ScriptedPartner
+from ppg.env.personas import load_personas
+from ppg.env.problems import make_problem
+from ppg.episode import collate, episode_from_conversation
+from ppg.learner.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    prune_checkpoints,
+    save_checkpoint,
+    validate_checkpoint,
+)
+from ppg.learner.metrics import read_metrics
+from ppg.learner.update import PolicyLearner, StaleEpisodeError, check_staleness, global_advantages
+from ppg.models import resolve_model
+from ppg.objectives import Greedy, GroupMean, Objective
+
+
+@pytest.fixture(scope="module")
+def model_path():
+    return resolve_model("embedded:tiny")
+
+
+@pytest.fixture(scope="module")
+def episodes(model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problem = make_problem(load_config(None, ["problem.name=myopic"]).problem)
+    personas = load_personas()[:4]
+    convs = run_conversations(problem, [p for p in personas for _ in range(2)], list(range(8)), scripted_agent(1),
+                              ScriptedPartner(), RuleJudge())
+    return [episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
+            for i, c in enumerate(convs)]
+
+
+def gradient_after_step(model_path, episodes, advantages, indices, world_size, reduction):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    config = LearnerConfig(lr=1e-3, loss_reduction=reduction, grad_clip=1e9)
+    learner = PolicyLearner(model, Objective(), config, total_steps=1, world_size=world_size)
+    shard = collate([episodes[i] for i in indices])
+    tokens = sum(sum(e.agent_mask) for e in episodes)
+    learner.step(shard, advantages[indices], len(episodes), tokens)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+def test_sharded_gradients_average_to_the_full_batch_gradient(model_path, episodes, reduction):
+    """What DDP does (average of per-rank gradients) equals the single-process global-batch gradient."""
+    advantages = global_advantages(episodes, Objective(policy_class=Greedy(), baseline=GroupMean()))
+    full = gradient_after_step(model_path, episodes, advantages, list(range(8)), 1, reduction)
+    rank0 = gradient_after_step(model_path, episodes, advantages, [0, 2, 4, 6], 2, reduction)
+    rank1 = gradient_after_step(model_path, episodes, advantages, [1, 3, 5, 7], 2, reduction)
+    for name, g in full.items():
+        torch.testing.assert_close((rank0[name] + rank1[name]) / 2, g, rtol=1e-4, atol=1e-6)
+
+
+def test_staleness_bound(episodes):
+    old, new = copy.copy(episodes[0]), copy.copy(episodes[1])
+    old.policy_version, new.policy_version = 3, 5
+    assert check_staleness([old, new], version=5, max_staleness=2) == [old, new]
+    assert check_staleness([old, new], version=5, max_staleness=1) == [new]
+    new.policy_version = 6
+    with pytest.raises(StaleEpisodeError, match="future policy version"):
+        check_staleness([new], version=5, max_staleness=0)
+
+
+def save(tmp_path, model_path, iteration, config=None):
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    state = {"optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "torch_rng": [torch.get_rng_state()]}
+    return save_checkpoint(tmp_path, iteration, model, model_path, state, {"iteration": iteration, "policy_version": iteration},
+                           config or load_config())
+
+
+def test_checkpoint_round_trip_atomic_and_pruned(tmp_path, model_path):
+    for i in (1, 2, 3):
+        save(tmp_path, model_path, i)
+    (tmp_path / "checkpoints" / ".iter_000004.tmp-123").mkdir()  # an interrupted write
+    assert latest_checkpoint(tmp_path).name == "iter_000003"
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["iter_000002", "iter_000003"]
+    policy = validate_checkpoint(latest_checkpoint(tmp_path))
+    state, trainer_state = load_state(latest_checkpoint(tmp_path))
+    assert state == {"iteration": 3, "policy_version": 3} and "optimizer" in trainer_state
+    original = load_file(Path(model_path) / "model.safetensors")
+    for k, v in load_file(policy / "model.safetensors").items():
+        assert torch.equal(v, original[k])
+    AutoModelForCausalLM.from_pretrained(policy)
+    assert AutoTokenizer.from_pretrained(policy).chat_template
+
+
+def test_bad_checkpoints_are_refused_clearly(tmp_path, model_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        validate_checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="has no checkpoints"):
+        latest_checkpoint(tmp_path)
+    good = save(tmp_path, model_path, 1)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(good, missing)
+    (missing / "trainer_state.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete: missing \['trainer_state.pt'\]"):
+        validate_checkpoint(missing)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(good, pickled)
+    (pickled / "policy" / "model.safetensors").rename(pickled / "policy" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only from safetensors"):
+        validate_checkpoint(pickled)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(good, corrupt)
+    weights = corrupt / "policy" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        validate_checkpoint(corrupt)
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(good, mismatched)
+    tok = json.loads((mismatched / "policy" / "tokenizer.json").read_text())
+    start = len(tok["model"]["vocab"])
+    tok["model"]["vocab"].update({f"extra{i}": start + i for i in range(5000)})
+    (mismatched / "policy" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(CheckpointError, match="tokenizer belongs to another model"):
+        validate_checkpoint(mismatched)
+
+    garbled = tmp_path / "garbled"
+    shutil.copytree(good, garbled)
+    (garbled / "trainer_state.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="trainer state is unreadable"):
+        load_state(garbled)
+
+
+# --- ppg train, end to end --------------------------------------------------------------------
+
+TINY_RUN = ["problem.name=myopic", "rollout.episodes_per_iteration=8", "rollout.group_size=4", "rollout.num_workers=2",
+            "rollout.requests_per_worker=1", "run.checkpoint_every=1", "run.keep_last=5", "rollout.max_tokens_per_turn=16"]
+
+
+def run_train(tmp_path, name, overrides, resume=None):
+    from ppg.driver import train
+
+    if resume is not None:
+        return train(resume=resume, overrides=overrides)
+    config = load_config(None, TINY_RUN + [f"run.output_dir={tmp_path}", f"run.name={name}"] + overrides)
+    return train(config, run_dir=tmp_path / name)
+
+
+@pytest.mark.slow
+def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
+    straight = run_train(tmp_path, "straight", ["run.iterations=2"])
+    rows = read_metrics(straight)
+    assert [r["iteration"] for r in rows] == [0, 1] and [r["policy_version"] for r in rows] == [1, 2]
+    assert all(r["weights_acked_by"] == 2 for r in rows), "every rollout worker got every version"
+    assert all(r["episodes"] == 8 and r["dropped_stale"] == 0 for r in rows)
+    assert (straight / "reward.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in (straight / "checkpoints").iterdir()] and latest_checkpoint(straight).name == "iter_000002"
+    validate_checkpoint(latest_checkpoint(straight))
+
+    interrupted = run_train(tmp_path, "interrupted", ["run.iterations=1"])
+    resumed = run_train(tmp_path, "interrupted", ["run.iterations=2"], resume=interrupted)
+    assert resumed == interrupted
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], "same batches after resume"
+    wa = load_file(latest_checkpoint(straight) / "policy" / "model.safetensors")
+    wb = load_file(latest_checkpoint(resumed) / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters after the resumed update"
+
+
+def test_train_cli_refuses_bad_config_and_missing_run(tmp_path):
+    exe = str(Path(sys.executable).with_name("ppg"))
+    bad = subprocess.run([exe, "train", "learner.lr=-1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "learner.lr: Input should be greater than 0" in bad.stderr
+    missing = subprocess.run([exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "config file" in missing.stderr
+    (tmp_path / "config.yaml").write_text(load_config().to_yaml())
+    empty = subprocess.run([exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert empty.returncode == 2 and "has no checkpoints" in empty.stderr
+    no_ckpt = subprocess.run([exe, "eval", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True,
+                             timeout=120)
+    assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr
