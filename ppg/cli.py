@@ -59,16 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(build)
     build.set_defaults(handler=cmd_model_build)
 
-    train = commands.add_parser("train", help="train a policy (rollouts -> PPG update -> weight broadcast)",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train = commands.add_parser(
+        "train",
+        help="train a policy (rollouts -> PPG update -> weight broadcast)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="score a checkpoint on a problem's held-out personas",
-                                   epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate = commands.add_parser(
+        "eval",
+        help="score a checkpoint on a problem's held-out personas",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
+    evaluate.add_argument(
+        "--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder"
+    )
     evaluate.add_argument("--problem", help="problem name (default: the checkpoint's)")
     evaluate.add_argument("--episodes", type=int, default=32, help="conversations to score (default 32)")
     evaluate.set_defaults(handler=cmd_eval)

@@ -108,12 +108,16 @@ class LearnerConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
-    max_staleness: int = Field(default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy")
+    max_staleness: int = Field(
+        default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy"
+    )
     off_policy: Literal["reject", "importance"] = Field(
         default="importance",
         description="episodes within max_staleness but not on-policy: importance-weight them, or drop them",
     )
-    importance_clip: float = Field(default=2.0, gt=0, description="truncation of per-token importance weights")
+    importance_clip: float = Field(
+        default=2.0, gt=0, description="truncation of per-token importance weights"
+    )
 
 
 class ServeConfig(Section):
@@ -131,14 +135,18 @@ class RunConfig(Section):
     iterations: PositiveInt = 60
     checkpoint_every: PositiveInt = 10
     keep_last: PositiveInt = 3
-    async_rollouts: bool = Field(default=False, description="overlap the next iteration's rollouts with the update")
+    async_rollouts: bool = Field(
+        default=False, description="overlap the next iteration's rollouts with the update"
+    )
 
 
 class PPGConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     problem: ProblemConfig = Field(default_factory=ProblemConfig)
     # The main job's default: greedy credit with a group (RLOO) baseline, which the myopic problem favours.
-    objective: Objective = Field(default_factory=lambda: Objective(policy_class=Greedy(), baseline=GroupMean()))
+    objective: Objective = Field(
+        default_factory=lambda: Objective(policy_class=Greedy(), baseline=GroupMean())
+    )
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)

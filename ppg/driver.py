@@ -37,8 +37,12 @@ def new_run_dir(config: PPGConfig) -> Path:
     return run_dir
 
 
-def train(config: PPGConfig | None = None, resume: Path | None = None, overrides: list[str] | None = None,
-          run_dir: Path | None = None) -> Path:
+def train(
+    config: PPGConfig | None = None,
+    resume: Path | None = None,
+    overrides: list[str] | None = None,
+    run_dir: Path | None = None,
+) -> Path:
     """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint."""
     from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
     from ppg.models import resolve_model
@@ -62,6 +66,12 @@ def train(config: PPGConfig | None = None, resume: Path | None = None, overrides
     policy_path = policy_path or reference_path
     connect_ray()
     pool = start_pool(config, policy_path)
+    if resume_from is not None:  # the workers serve the checkpoint's weights: give them its version
+        import ray
+
+        from ppg.learner.checkpoint import load_state
+
+        ray.get(pool.update_weights.remote(load_state(resume_from)[0]["policy_version"], policy_path))
     try:
         fit(config, run_dir, policy_path, reference_path, resume_from)
     finally:
@@ -82,12 +92,18 @@ def start_pool(config: PPGConfig, policy_path: str):
     from ppg.learner.loop import POOL_ACTOR
     from ppg.rollout.pool import RolloutPool
 
-    actor = ray.remote(RolloutPool).options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8).remote(config, policy_path)
+    actor = (
+        ray.remote(RolloutPool)
+        .options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8)
+        .remote(config, policy_path)
+    )
     ray.get(actor.versions.remote())  # wait until the workers are up
     return actor
 
 
-def fit(config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str, resume_from: Path | None) -> None:
+def fit(
+    config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str, resume_from: Path | None
+) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -97,12 +113,16 @@ def fit(config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str,
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": config.model_dump(mode="json"), "run_dir": str(run_dir), "policy_path": policy_path,
-            "reference_path": reference_path, "tokenizer_dir": reference_path,
+            "config": config.model_dump(mode="json"),
+            "run_dir": str(run_dir),
+            "policy_path": policy_path,
+            "reference_path": reference_path,
+            "tokenizer_dir": reference_path,
             "resume_from": str(resume_from) if resume_from else None,
         },
-        scaling_config=ScalingConfig(num_workers=learner.num_workers, use_gpu=learner.use_gpu,
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=learner.num_workers, use_gpu=learner.use_gpu, resources_per_worker={"CPU": 1}
+        ),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
         run_config=RunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
     )

@@ -7,8 +7,13 @@ from pathlib import Path
 from ppg.config import PPGConfig, load_config
 
 
-def evaluate(checkpoint: str | Path, problem: str | None = None, episodes: int = 32, config_path: str | None = None,
-             overrides: list[str] | None = None) -> dict:
+def evaluate(
+    checkpoint: str | Path,
+    problem: str | None = None,
+    episodes: int = 32,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
     from ppg.driver import connect_ray
     from ppg.env.personas import load_personas, split_personas
     from ppg.learner.checkpoint import CONFIG, validate_checkpoint
@@ -33,7 +38,11 @@ def evaluate(checkpoint: str | Path, problem: str | None = None, episodes: int =
     turns = len(rollouts[0].rewards)
     per_turn = [sum(e.rewards[t] for e in rollouts) / len(rollouts) for t in range(turns)]
     return {
-        "checkpoint": str(checkpoint), "problem": config.problem.name, "episodes": len(rollouts),
-        "held_out_personas": len(held_out), "reward_mean": sum(per_turn) / turns, "reward_per_turn": per_turn,
+        "checkpoint": str(checkpoint),
+        "problem": config.problem.name,
+        "episodes": len(rollouts),
+        "held_out_personas": len(held_out),
+        "reward_mean": sum(per_turn) / turns,
+        "reward_per_turn": per_turn,
         "episode_return_mean": sum(sum(e.rewards) for e in rollouts) / len(rollouts),
     }

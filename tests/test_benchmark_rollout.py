@@ -43,7 +43,8 @@ def test_rollout_benchmark_writes_csv_markdown_and_png(ray_cluster, tmp_path):
         "pool 1 worker", "pool 2 workers",
         "state dict clone (in memory)", "transformers load_state_dict (in memory)",
         "transformers update_weights (folder)", "vllm update_weights (state dict)", "vllm update_weights (folder)",
-        "pool broadcast to 1 worker (state dict)", "pool broadcast to 2 workers (state dict)",
+        "pool broadcast to 1 worker (state dict)", "pool broadcast to 1 worker (folder)",
+        "pool broadcast to 2 workers (state dict)",
         "pool broadcast to 2 workers (folder)",
     }  # fmt: skip
     assert set(cases) == expected

@@ -84,7 +84,9 @@ def test_consistency_rules(response, earlier, expected):
 def test_alignment_rewards_staying_on_the_asked_topic(user, response, topic):
     history = ({"role": "user", "content": user},)
     score = RuleJudge().score([JudgeRequest(ALICE, history, response, "alignment")])[0]
-    assert score == pytest.approx(RuleJudge().score([JudgeRequest(ALICE, (), response, "alignment")])[0] + 0.2 * topic)
+    assert score == pytest.approx(
+        RuleJudge().score([JudgeRequest(ALICE, (), response, "alignment")])[0] + 0.2 * topic
+    )
 
 
 def test_rule_scores_stay_in_the_documented_range():

@@ -47,10 +47,18 @@ def episodes(model_path):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     problem = make_problem(load_config(None, ["problem.name=myopic"]).problem)
     personas = load_personas()[:4]
-    convs = run_conversations(problem, [p for p in personas for _ in range(2)], list(range(8)), scripted_agent(1),
-                              ScriptedPartner(), RuleJudge())
-    return [episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
-            for i, c in enumerate(convs)]
+    convs = run_conversations(
+        problem,
+        [p for p in personas for _ in range(2)],
+        list(range(8)),
+        scripted_agent(1),
+        ScriptedPartner(),
+        RuleJudge(),
+    )
+    return [
+        episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
+        for i, c in enumerate(convs)
+    ]
 
 
 def gradient_after_step(model_path, episodes, advantages, indices, world_size, reduction):
@@ -87,9 +95,19 @@ def test_staleness_bound(episodes):
 
 def save(tmp_path, model_path, iteration, config=None):
     model = AutoModelForCausalLM.from_pretrained(model_path)
-    state = {"optimizer": torch.optim.AdamW(model.parameters()).state_dict(), "torch_rng": [torch.get_rng_state()]}
-    return save_checkpoint(tmp_path, iteration, model, model_path, state, {"iteration": iteration, "policy_version": iteration},
-                           config or load_config())
+    state = {
+        "optimizer": torch.optim.AdamW(model.parameters()).state_dict(),
+        "torch_rng": [torch.get_rng_state()],
+    }
+    return save_checkpoint(
+        tmp_path,
+        iteration,
+        model,
+        model_path,
+        state,
+        {"iteration": iteration, "policy_version": iteration},
+        config or load_config(),
+    )
 
 
 def test_checkpoint_round_trip_atomic_and_pruned(tmp_path, model_path):
@@ -153,8 +171,16 @@ def test_bad_checkpoints_are_refused_clearly(tmp_path, model_path):
 
 # --- ppg train, end to end --------------------------------------------------------------------
 
-TINY_RUN = ["problem.name=myopic", "rollout.episodes_per_iteration=8", "rollout.group_size=4", "rollout.num_workers=2",
-            "rollout.requests_per_worker=1", "run.checkpoint_every=1", "run.keep_last=5", "rollout.max_tokens_per_turn=16"]
+TINY_RUN = [
+    "problem.name=myopic",
+    "rollout.episodes_per_iteration=8",
+    "rollout.group_size=4",
+    "rollout.num_workers=2",
+    "rollout.requests_per_worker=1",
+    "run.checkpoint_every=1",
+    "run.keep_last=5",
+    "rollout.max_tokens_per_turn=16",
+]
 
 
 def run_train(tmp_path, name, overrides, resume=None):
@@ -175,14 +201,18 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
     assert all(r["episodes"] == 8 and r["dropped_stale"] == 0 for r in rows)
     assert (straight / "reward.png").read_bytes()[:4] == b"\x89PNG"
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
-    assert [p.name for p in (straight / "checkpoints").iterdir()] and latest_checkpoint(straight).name == "iter_000002"
+    assert [p.name for p in (straight / "checkpoints").iterdir()] and latest_checkpoint(
+        straight
+    ).name == "iter_000002"
     validate_checkpoint(latest_checkpoint(straight))
 
     interrupted = run_train(tmp_path, "interrupted", ["run.iterations=1"])
     resumed = run_train(tmp_path, "interrupted", ["run.iterations=2"], resume=interrupted)
     assert resumed == interrupted
     a, b = read_metrics(straight), read_metrics(resumed)
-    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], "same batches after resume"
+    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], (
+        "same batches after resume"
+    )
     wa = load_file(latest_checkpoint(straight) / "policy" / "model.safetensors")
     wb = load_file(latest_checkpoint(resumed) / "policy" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters after the resumed update"
@@ -192,11 +222,16 @@ def test_train_cli_refuses_bad_config_and_missing_run(tmp_path):
     exe = str(Path(sys.executable).with_name("ppg"))
     bad = subprocess.run([exe, "train", "learner.lr=-1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "learner.lr: Input should be greater than 0" in bad.stderr
-    missing = subprocess.run([exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert missing.returncode == 2 and "config file" in missing.stderr
     (tmp_path / "config.yaml").write_text(load_config().to_yaml())
-    empty = subprocess.run([exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    empty = subprocess.run(
+        [exe, "train", "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert empty.returncode == 2 and "has no checkpoints" in empty.stderr
-    no_ckpt = subprocess.run([exe, "eval", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True,
-                             timeout=120)
+    no_ckpt = subprocess.run(
+        [exe, "eval", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
+    )
     assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr

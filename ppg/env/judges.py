@@ -41,7 +41,9 @@ class Judge(Protocol):
 def _topic(request: JudgeRequest, acts: dialogue.Acts) -> float:
     """Is the reply's recommendation about what the user just asked for? (0 if nothing to compare)."""
     last_user = next((m["content"] for m in reversed(request.history) if m["role"] == "user"), "")
-    asked = {c for c, w in dialogue.TOPIC_WORDS.items() if w in last_user.lower().split() or f"{w}?" in last_user}
+    asked = {
+        c for c, w in dialogue.TOPIC_WORDS.items() if w in last_user.lower().split() or f"{w}?" in last_user
+    }
     if not asked or not acts.items:
         return 0.0
     on_topic = [dialogue.categories_of([i]) <= asked for i in acts.items]

@@ -23,8 +23,13 @@ import torch
 from ppg.config import PPGConfig
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -35,8 +40,15 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, iteration: int, model: torch.nn.Module, tokenizer_dir: str | Path,
-                    trainer_state: dict, state: dict, config: PPGConfig) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    iteration: int,
+    model: torch.nn.Module,
+    tokenizer_dir: str | Path,
+    trainer_state: dict,
+    state: dict,
+    config: PPGConfig,
+) -> Path:
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter_{iteration:06d}"
@@ -84,15 +96,19 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     policy = path / POLICY if (path / POLICY).is_dir() else path
-    needed = ["config.json", "tokenizer.json"] + ([f"../{TRAINER_STATE}", f"../{STATE}"] if require_trainer_state else [])
+    needed = ["config.json", "tokenizer.json"] + (
+        [f"../{TRAINER_STATE}", f"../{STATE}"] if require_trainer_state else []
+    )
     missing = [n.removeprefix("../") for n in needed if not (policy / n).resolve().is_file()]
     if not list(policy.glob("*.safetensors")):
         pickles = [p.name for p in policy.glob("*.bin")] + [p.name for p in policy.glob("*.pt")]
         hint = f" (found pickle files {pickles}: weights are loaded only from safetensors)" if pickles else ""
         missing.append("model.safetensors" + hint)
     if missing:
-        raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}; use another checkpoint "
-                              f"(ppg keeps the last run.keep_last) or re-save it")
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: missing {missing}; use another checkpoint "
+            f"(ppg keeps the last run.keep_last) or re-save it"
+        )
     from safetensors import safe_open
 
     vocab_rows = None
@@ -103,7 +119,9 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
                     if key.endswith("embed_tokens.weight"):
                         vocab_rows = weights.get_slice(key).get_shape()[0]
     except Exception as e:  # safetensors raises several types for truncated or garbled files
-        raise CheckpointError(f"checkpoint {path}: weights are corrupt ({e}); use another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path}: weights are corrupt ({e}); use another checkpoint"
+        ) from None
     tokenizer_size = _tokenizer_size(policy / "tokenizer.json")
     if vocab_rows is not None and tokenizer_size > vocab_rows:
         raise CheckpointError(
@@ -117,7 +135,8 @@ def _tokenizer_size(path: Path) -> int:
     try:
         data = json.loads(path.read_text())
         return len(data["model"]["vocab"]) + len(
-            [t for t in data.get("added_tokens", []) if t["id"] >= len(data["model"]["vocab"])])
+            [t for t in data.get("added_tokens", []) if t["id"] >= len(data["model"]["vocab"])]
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a valid tokenizer.json ({e})") from None
 
@@ -128,5 +147,7 @@ def load_state(path: Path) -> tuple[dict, dict]:
         state = json.loads((Path(path) / STATE).read_text())
         trainer_state = torch.load(Path(path) / TRAINER_STATE, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: trainer state is unreadable ({e}); use another checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint {path}: trainer state is unreadable ({e}); use another checkpoint"
+        ) from None
     return state, trainer_state

@@ -33,9 +33,14 @@ def iteration_requests(config: PPGConfig, personas, iteration: int):
     from ppg.rollout.pool import plan_requests
 
     r = config.rollout
-    return plan_requests(personas, r.episodes_per_iteration, r.group_size,
-                         num_requests=r.num_workers * r.requests_per_worker,
-                         seed=config.run.seed * 1_000_003 + iteration, first_request_id=iteration * 10_000)
+    return plan_requests(
+        personas,
+        r.episodes_per_iteration,
+        r.group_size,
+        num_requests=r.num_workers * r.requests_per_worker,
+        seed=config.run.seed * 1_000_003 + iteration,
+        first_request_id=iteration * 10_000,
+    )
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -58,7 +63,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(loop_config["policy_path"], dtype=torch.float32)
     reference = None
     if config.learner.kl_coef > 0:
-        reference = AutoModelForCausalLM.from_pretrained(loop_config["reference_path"], dtype=torch.float32).eval()
+        reference = AutoModelForCausalLM.from_pretrained(
+            loop_config["reference_path"], dtype=torch.float32
+        ).eval()
         reference.requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     learner = PolicyLearner(model, config.objective, config.learner, config.run.iterations, reference, world)
@@ -67,7 +74,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state, trainer_state = load_state(loop_config["resume_from"])
         learner.optimizer.load_state_dict(trainer_state["optimizer"])
         learner.scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["torch_rng"][rank] if rank < len(trainer_state["torch_rng"]) else torch.get_rng_state())
+        torch.set_rng_state(
+            trainer_state["torch_rng"][rank]
+            if rank < len(trainer_state["torch_rng"])
+            else torch.get_rng_state()
+        )
         random.setstate(trainer_state["python_rng"])
     version = state["policy_version"]
     run_dir = loop_config["run_dir"]
@@ -96,13 +107,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 fresh = [e for e in fresh if e.policy_version == version]
             dropped = len(episodes) - len(fresh)
             if not fresh:
-                raise RuntimeError(f"iteration {iteration}: every episode was older than learner.max_staleness")
+                raise RuntimeError(
+                    f"iteration {iteration}: every episode was older than learner.max_staleness"
+                )
             advantages = global_advantages(fresh, config.objective)
-            payload = {"episodes": fresh, "advantages": advantages, "timing": {
-                "rollout": t_rollout - t0,
-                "generate": max(r.seconds["generate"] for r in results),
-                "environment": max(r.seconds["environment"] for r in results),
-            }, "dropped": dropped, "fingerprint": batch_fingerprint(fresh)}
+            payload = {
+                "episodes": fresh,
+                "advantages": advantages,
+                "timing": {
+                    "rollout": t_rollout - t0,
+                    "generate": max(r.seconds["generate"] for r in results),
+                    "environment": max(r.seconds["environment"] for r in results),
+                },
+                "dropped": dropped,
+                "fingerprint": batch_fingerprint(fresh),
+            }
         # The batch travels through the object store; the collective only carries its reference.
         [payload_ref] = broadcast_from_rank_zero([ray.put(payload)] if rank == 0 else None)
         payload = ray.get(payload_ref)
@@ -122,7 +141,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             weights = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
             acks = ray.get(pool.update_weights.remote(version, weights))
             if set(acks.values()) != {version}:
-                raise RuntimeError(f"weight broadcast incomplete: workers report versions {acks}, expected {version}")
+                raise RuntimeError(
+                    f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
+                )
             t_broadcast = time.perf_counter()
             rewards = [r for e in episodes for r in e.rewards]
             done = iteration + 1 - start_iteration
@@ -130,29 +151,51 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {
                 "reward_mean": sum(rewards) / len(rewards),
                 "episode_return_mean": sum(sum(e.rewards) for e in episodes) / len(episodes),
-                "episodes": len(episodes), "dropped_stale": payload["dropped"], "weights_acked_by": len(acks),
-                "policy_version": version, "loss": stats.loss, "pg_loss": stats.pg_loss, "kl": stats.kl,
-                "grad_norm": stats.grad_norm, "lr": stats.lr, "importance_weight": stats.importance_weight,
+                "episodes": len(episodes),
+                "dropped_stale": payload["dropped"],
+                "weights_acked_by": len(acks),
+                "policy_version": version,
+                "loss": stats.loss,
+                "pg_loss": stats.pg_loss,
+                "kl": stats.kl,
+                "grad_norm": stats.grad_norm,
+                "lr": stats.lr,
+                "importance_weight": stats.importance_weight,
                 "episodes_per_s": len(episodes) / (t_update - t0),
-                "time_rollout": payload["timing"]["rollout"], "time_generate": payload["timing"]["generate"],
-                "time_environment": payload["timing"]["environment"], "time_learner": t_update - t_learn,
-                "time_broadcast": t_broadcast - t_update, "time_iteration": t_broadcast - t0,
+                "time_rollout": payload["timing"]["rollout"],
+                "time_generate": payload["timing"]["generate"],
+                "time_environment": payload["timing"]["environment"],
+                "time_learner": t_update - t_learn,
+                "time_broadcast": t_broadcast - t_update,
+                "time_iteration": t_broadcast - t0,
                 "batch_fingerprint": payload["fingerprint"],
             }
             metrics.write(iteration, report)
             last = iteration + 1 == config.run.iterations
             if (iteration + 1) % config.run.checkpoint_every == 0 or last:
                 trainer_state = {
-                    "optimizer": learner.optimizer.state_dict(), "scheduler": learner.scheduler.state_dict(),
-                    "torch_rng": [torch.get_rng_state()], "python_rng": random.getstate(),
+                    "optimizer": learner.optimizer.state_dict(),
+                    "scheduler": learner.scheduler.state_dict(),
+                    "torch_rng": [torch.get_rng_state()],
+                    "python_rng": random.getstate(),
                 }
-                save_checkpoint(run_dir, iteration + 1, unwrapped, loop_config["tokenizer_dir"], trainer_state,
-                                {"iteration": iteration + 1, "policy_version": version}, config)
+                save_checkpoint(
+                    run_dir,
+                    iteration + 1,
+                    unwrapped,
+                    loop_config["tokenizer_dir"],
+                    trainer_state,
+                    {"iteration": iteration + 1, "policy_version": version},
+                    config,
+                )
                 prune_checkpoints(run_dir, config.run.keep_last)
             eta = elapsed / done * (config.run.iterations - iteration - 1)
-            print(f"[ppg] iter {iteration + 1}/{config.run.iterations}  reward {report['reward_mean']:+.3f}  "
-                  f"loss {stats.loss:+.3f}  {report['episodes_per_s']:.1f} episodes/s  "
-                  f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+            print(
+                f"[ppg] iter {iteration + 1}/{config.run.iterations}  reward {report['reward_mean']:+.3f}  "
+                f"loss {stats.loss:+.3f}  {report['episodes_per_s']:.1f} episodes/s  "
+                f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s",
+                flush=True,
+            )
         ray.train.report({k: v for k, v in report.items() if isinstance(v, (int, float))})
 
     if rank == 0:

@@ -54,7 +54,10 @@ def plot_rewards(run_dir: Path, title: str) -> Path:
     xs = [r["iteration"] for r in rows]
     ys = [r["reward_mean"] for r in rows]
     window = max(1, len(ys) // 10)
-    smooth = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+    smooth = [
+        sum(ys[max(0, i - window + 1) : i + 1]) / len(ys[max(0, i - window + 1) : i + 1])
+        for i in range(len(ys))
+    ]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(xs, ys, alpha=0.4, label="mean reward per turn")
     ax.plot(xs, smooth, label=f"moving average ({window})")

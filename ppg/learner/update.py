@@ -33,7 +33,9 @@ def check_staleness(episodes: list[Episode], version: int, max_staleness: int) -
     """Episodes within the staleness bound; the learner never mixes in older ones silently."""
     fresh = [e for e in episodes if version - e.policy_version <= max_staleness]
     if any(e.policy_version > version for e in episodes):
-        raise StaleEpisodeError(f"episodes from a future policy version (> {version}): the version bookkeeping is broken")
+        raise StaleEpisodeError(
+            f"episodes from a future policy version (> {version}): the version bookkeeping is broken"
+        )
     return fresh
 
 
@@ -63,8 +65,15 @@ class UpdateStats:
 
 
 class PolicyLearner:
-    def __init__(self, model: torch.nn.Module, objective: Objective, config: LearnerConfig, total_steps: int,
-                 reference: torch.nn.Module | None = None, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: Objective,
+        config: LearnerConfig,
+        total_steps: int,
+        reference: torch.nn.Module | None = None,
+        world_size: int = 1,
+    ) -> None:
         self.model, self.objective, self.config = model, objective, config
         self.reference = reference  # frozen initial policy, for the KL penalty
         self.world_size = world_size
@@ -72,7 +81,9 @@ class PolicyLearner:
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_steps))
 
-    def step(self, shard: EpisodeBatch, advantages: Tensor, global_episodes: int, global_agent_tokens: int) -> UpdateStats:
+    def step(
+        self, shard: EpisodeBatch, advantages: Tensor, global_episodes: int, global_agent_tokens: int
+    ) -> UpdateStats:
         """Update on this rank's shard; ``global_*`` are counts over the whole batch (all ranks)."""
         self.model.train()
         ids, attention = shard.token_ids, shard.attention_mask
@@ -93,12 +104,19 @@ class PolicyLearner:
         local = shard.token_ids.shape[0] if reduction == "sequence_mean" else int(agent.sum())
         glob = global_episodes if reduction == "sequence_mean" else global_agent_tokens
         scale = self.world_size * local / max(1, glob)
-        pg_loss = policy_gradient_loss(logprobs, agent, shard.token_turn, advantages, reduction, token_weights=weights) * scale
+        pg_loss = (
+            policy_gradient_loss(
+                logprobs, agent, shard.token_turn, advantages, reduction, token_weights=weights
+            )
+            * scale
+        )
 
         kl = torch.zeros(())
         if self.reference is not None and self.config.kl_coef > 0:
             with torch.no_grad():
-                ref_logits = self.reference(input_ids=ids, attention_mask=attention.long(), position_ids=positions).logits
+                ref_logits = self.reference(
+                    input_ids=ids, attention_mask=attention.long(), position_ids=positions
+                ).logits
             ref_logprobs = token_logprobs(ref_logits, ids)
             delta = (ref_logprobs - logprobs).clamp(-20, 20)
             per_token = torch.exp(delta) - delta - 1  # k3: unbiased, non-negative estimate of KL(pi || ref)
@@ -112,8 +130,11 @@ class PolicyLearner:
         self.optimizer.step()
         self.scheduler.step()
         return UpdateStats(
-            loss=float(loss.detach()), pg_loss=float(pg_loss.detach()), kl=float(kl.detach()),
-            grad_norm=float(grad_norm), lr=lr,
+            loss=float(loss.detach()),
+            pg_loss=float(pg_loss.detach()),
+            kl=float(kl.detach()),
+            grad_norm=float(grad_norm),
+            lr=lr,
             importance_weight=float(weights[agent].mean()) if weights is not None and agent.any() else 1.0,
             agent_tokens=int(agent.sum()),
         )

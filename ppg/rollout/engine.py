@@ -62,8 +62,9 @@ class Generation:
 class Engine(Protocol):
     tokenizer: object
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
-                 seeds: list[int] | None = None) -> list[Generation]: ...
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSpec, seeds: list[int] | None = None
+    ) -> list[Generation]: ...
 
     def update_weights(self, weights: Weights) -> None: ...
 
@@ -113,20 +114,27 @@ class VLLMEngine:
         self.max_model_len = config.max_model_len
         self.token_budget = config.max_num_batched_tokens
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
-                 seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSpec, seeds: list[int] | None = None
+    ) -> list[Generation]:
         """One sample per prompt. With ``seeds``, prompt i samples from its own seeded stream, so the
         result does not depend on batch composition or on which worker runs it (resume, retries)."""
         if seeds is not None and len(prompts) > 1 and sum(len(p) for p in prompts) > self.token_budget:
             half = len(prompts) // 2  # keep every seeded prompt's prefill within one engine step
             return self.generate(prompts[:half], sampling, seeds[:half]) + self.generate(
-                prompts[half:], sampling, seeds[half:])
+                prompts[half:], sampling, seeds[half:]
+            )
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [
-            SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                           logprobs=0, seed=None if seeds is None else seeds[i])
+            SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                logprobs=0,
+                seed=None if seeds is None else seeds[i],
+            )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(
@@ -169,8 +177,9 @@ class HFEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], sampling: SamplingSpec,
-                 seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], sampling: SamplingSpec, seeds: list[int] | None = None
+    ) -> list[Generation]:
         if not prompts:
             return []
         generators = [torch.Generator().manual_seed(s) for s in seeds] if seeds is not None else None
@@ -210,8 +219,9 @@ class HFEngine:
             for i, lp in zip(out_ids, out_lps, strict=True)
         ]
 
-    def _sample(self, logits: torch.Tensor, sampling: SamplingSpec,
-                generators: list[torch.Generator] | None) -> torch.Tensor:
+    def _sample(
+        self, logits: torch.Tensor, sampling: SamplingSpec, generators: list[torch.Generator] | None
+    ) -> torch.Tensor:
         if sampling.temperature == 0:
             return logits.argmax(-1)
         probs = torch.softmax(logits / sampling.temperature, -1)
@@ -221,7 +231,9 @@ class HFEngine:
             probs = torch.zeros_like(probs).scatter(1, order, sorted_p * keep)
         if generators is None:
             return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        return torch.cat([torch.multinomial(probs[b : b + 1], 1, generator=g)[0] for b, g in enumerate(generators)])
+        return torch.cat(
+            [torch.multinomial(probs[b : b + 1], 1, generator=g)[0] for b, g in enumerate(generators)]
+        )
 
     def update_weights(self, weights: Weights) -> None:
         state = load_state_dict(weights) if isinstance(weights, (str, Path)) else weights

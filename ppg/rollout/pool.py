@@ -199,6 +199,7 @@ def plan_requests(
                 seeds=tuple(groups[g][1] for g in chunk for _ in range(group_size)),
                 group_ids=tuple(g for g in chunk for _ in range(group_size)),
                 split=split,
+                sampling_seed=rng.randrange(2**31),
             )
         )
     return requests

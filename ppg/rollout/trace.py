@@ -39,13 +39,13 @@ class TokenTrace:
         reply (with ``content``, the reply as text). The end-of-turn text the template writes and the
         model did not sample is appended as context. Stray special tokens the model sampled inside its
         reply stay in the trace: the learner scores exactly what was sampled."""
-        block = closed_text[len(self.text):] if closed_text.startswith(self.text) else None
+        block = closed_text[len(self.text) :] if closed_text.startswith(self.text) else None
         if block is None or not block.startswith(content):
             raise RenderError(
                 f"the chat template renders the reply as {block!r}, which does not start with the reply "
                 f"{content!r}; the template must write the assistant's content verbatim"
             )
-        suffix = block[len(content):]
+        suffix = block[len(content) :]
         sampled = tokenizer.decode(generation.token_ids, skip_special_tokens=False)
         emitted = max(k for k in range(len(suffix) + 1) if sampled.endswith(suffix[:k]))
         self._append(generation.token_ids, agent=True, logprobs=generation.logprobs)
@@ -64,8 +64,13 @@ class TokenTrace:
 class TokenPolicy:
     """A ``run_conversations`` policy over a token-level engine, keeping one trace per conversation."""
 
-    def __init__(self, engine: Engine, sampling: SamplingSpec, max_model_len: int | None = None,
-                 seeds: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sampling: SamplingSpec,
+        max_model_len: int | None = None,
+        seeds: list[int] | None = None,
+    ) -> None:
         self.engine, self.sampling, self.max_model_len = engine, sampling, max_model_len
         self.tokenizer = engine.tokenizer
         self.traces: list[TokenTrace] = []
