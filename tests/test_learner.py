@@ -183,6 +183,16 @@ TINY_RUN = [
 ]
 
 
+def load_iteration_split():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "iteration_split.py"
+    spec = importlib.util.spec_from_file_location("iteration_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_train(tmp_path, name, overrides, resume=None):
     from ppg.driver import train
 
@@ -205,6 +215,9 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
         straight
     ).name == "iter_000002"
     validate_checkpoint(latest_checkpoint(straight))
+    parts = load_iteration_split().main([str(straight), "--out", str(tmp_path / "split")])
+    assert sum(parts.values()) == pytest.approx(rows[1]["time_iteration"]) and parts["learner"] > 0
+    assert (tmp_path / "split" / "iteration_split.png").is_file()
 
     interrupted = run_train(tmp_path, "interrupted", ["run.iterations=1"])
     resumed = run_train(tmp_path, "interrupted", ["run.iterations=2"], resume=interrupted)
