@@ -28,12 +28,20 @@ def split(rows: list[dict], skip_first: int = 1) -> dict[str, float]:
         out["environment"] += r["time_environment"]
         out["learner"] += r["time_learner"]
         out["broadcast"] += r["time_broadcast"]
-        out["other"] += r["time_iteration"] - r["time_generate"] - r["time_environment"] - r["time_learner"] - r["time_broadcast"]
+        out["other"] += (
+            r["time_iteration"]
+            - r["time_generate"]
+            - r["time_environment"]
+            - r["time_learner"]
+            - r["time_broadcast"]
+        )
     return {k: v / len(rows) for k, v in out.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -42,8 +50,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(f"{args.run_dir} has no metrics.jsonl rows; pass the folder of a ppg train run")
     parts = split(rows)
     total = sum(parts.values())
-    lines = [f"Run: `{args.run_dir.name}`, {len(rows)} iterations (first skipped as warm-up)", "",
-             "| part | seconds / iteration | share |", "| --- | ---: | ---: |"]
+    lines = [
+        f"Run: `{args.run_dir.name}`, {len(rows)} iterations (first skipped as warm-up)",
+        "",
+        "| part | seconds / iteration | share |",
+        "| --- | ---: | ---: |",
+    ]
     lines += [f"| {k} | {v:.3f} | {v / total:.0%} |" for k, v in parts.items()]
     lines.append(f"| total | {total:.3f} | 100% |")
     text = "\n".join(lines) + "\n"

@@ -231,6 +231,52 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters after the resumed update"
 
 
+@pytest.mark.slow
+def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path):
+    """Two learner ranks (real DDP over gloo), rollouts overlapping the update (one version stale,
+    importance-weighted), then `ppg eval` on the final checkpoint's held-out personas."""
+    from ppg.evaluate import evaluate
+
+    run = run_train(
+        tmp_path,
+        "async",
+        [
+            "run.iterations=3",
+            "learner.num_workers=2",
+            "run.async_rollouts=true",
+            "learner.max_staleness=1",
+            "learner.off_policy=importance",
+        ],
+    )
+    rows = read_metrics(run)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3] and all(r["dropped_stale"] == 0 for r in rows)
+    assert rows[0]["importance_weight"] == 1.0  # the first batch is on-policy
+    assert any(r["importance_weight"] != 1.0 for r in rows[1:]), "later batches are one version old"
+    result = evaluate(latest_checkpoint(run), problem="myopic", episodes=8)
+    assert result["episodes"] == 8 and len(result["reward_per_turn"]) == 4
+    assert -1.0 <= result["reward_mean"] <= 1.0 and result["held_out_personas"] == 12
+
+
+def test_kl_penalty_is_zero_against_itself_and_positive_against_another_policy(model_path, episodes):
+    advantages = torch.zeros(len(episodes), 4)
+    batch = collate(episodes)
+    tokens = int(batch.agent_mask.sum())
+    config = LearnerConfig(kl_coef=0.1, lr=1e-9)
+    same = AutoModelForCausalLM.from_pretrained(model_path)
+    learner = PolicyLearner(
+        AutoModelForCausalLM.from_pretrained(model_path), Objective(), config, 1, reference=same
+    )
+    assert learner.step(batch, advantages, len(episodes), tokens).kl == pytest.approx(0.0, abs=1e-6)
+    other = AutoModelForCausalLM.from_pretrained(model_path)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    learner = PolicyLearner(
+        AutoModelForCausalLM.from_pretrained(model_path), Objective(), config, 1, reference=other
+    )
+    assert learner.step(batch, advantages, len(episodes), tokens).kl > 1e-3
+
+
 def test_train_cli_refuses_bad_config_and_missing_run(tmp_path):
     exe = str(Path(sys.executable).with_name("ppg"))
     bad = subprocess.run([exe, "train", "learner.lr=-1"], capture_output=True, text=True, timeout=120)
