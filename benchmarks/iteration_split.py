@@ -10,9 +10,9 @@ collective, checkpoint writes, and waiting for the slowest rollout worker.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from ppg.files import atomic_save_figure, atomic_write_text
 from ppg.learner.metrics import read_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     lines.append(f"| total | {total:.3f} | 100% |")
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".iteration_split.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, args.out / "iteration_split.md")
+    atomic_write_text(args.out / "iteration_split.md", text)
 
     import matplotlib
 
@@ -78,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ax.set_xlabel("seconds per iteration")
     ax.legend(ncol=3, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45))
     fig.tight_layout()
-    tmp_png = args.out / ".iteration_split.tmp.png"
-    fig.savefig(tmp_png, dpi=110)
-    os.replace(tmp_png, args.out / "iteration_split.png")
+    atomic_save_figure(fig, args.out / "iteration_split.png")
     print(text)
     return parts
 

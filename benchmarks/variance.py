@@ -18,16 +18,15 @@ on delayed rewards greedy's bias never goes away and planning wins once n is lar
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
 from ppg.objectives import FullPlanning, Greedy, KStep, Objective, Segment, TurnMean
 from ppg.tabular_mdp import (
     delayed_mdp,
@@ -98,23 +97,6 @@ def run(sizes: list[int], repeats: int, seed: int) -> list[dict]:
     return rows
 
 
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue())
-
-
 def write_markdown(rows: list[dict], path: Path, command: str) -> str:
     lines = [
         f"Command: `{command}`",
@@ -128,7 +110,7 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> str:
             f"{r['bias_own']:.4f} ({r['bias_own_noise']:.4f}) | {r['bias_full']:.4f} | {r['mse_full']:.4f} |"
         )
     text = "\n".join(lines) + "\n"
-    atomic_write(path, text)
+    atomic_write_text(path, text)
     return text
 
 
@@ -156,9 +138,7 @@ def plot(rows: list[dict], path: Path) -> None:
             axes[i, j].grid(alpha=0.3)
     axes[0, 0].legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
@@ -179,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         [f"--sizes {' '.join(map(str, args.sizes))}", f"--repeats {args.repeats}", f"--seed {args.seed}"]
     )
     rows = run(args.sizes, args.repeats, args.seed)
-    write_csv(rows, args.out / "variance.csv")
+    atomic_write_csv(args.out / "variance.csv", rows)
     print(write_markdown(rows, args.out / "variance.md", command))
     plot(rows, args.out / "variance.png")
     print(f"wrote {args.out / 'variance.csv'}, variance.md, variance.png")

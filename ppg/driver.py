@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ppg.config import PPGConfig, load_config
+from ppg.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def train(
         run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(config.to_yaml())
-    os.replace(tmp, run_dir / "config.yaml")
+    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path

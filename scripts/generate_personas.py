@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 from ppg.env.personas import SHIPPED_PERSONAS, Persona
 from ppg.env.vocabulary import CATEGORIES, FACT_SLOTS, TRAITS
+from ppg.files import atomic_write_text
 
 FIRST_NAMES = (
     "ada",
@@ -83,11 +82,7 @@ def main() -> None:
     lines = "".join(
         json.dumps(p.model_dump(mode="json"), sort_keys=True) + "\n" for p in generate(args.count, args.seed)
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=f".{args.out.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(lines)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, lines)
     print(f"wrote {args.count} personas to {args.out}")
 
 

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ppg.files import atomic_save_figure
+
 
 class MetricsWriter:
     def __init__(self, run_dir: Path) -> None:
@@ -67,9 +69,6 @@ def plot_rewards(run_dir: Path, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "reward.png"
-    tmp = out.with_name(".reward.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    out = atomic_save_figure(fig, Path(run_dir) / "reward.png")
     plt.close(fig)
     return out
