@@ -40,6 +40,18 @@ class UserMove:
     reveal_on_ask: bool = False  # first answer the agent's question about a preference, if it asked
 
 
+# The user's reply after the opening in the elicitation-style problems: answer, then ask for more.
+FOLLOW_UP = UserMove(
+    say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
+)
+
+
+def recommends_what_was_asked(reply: Acts, earlier_replies: list[Acts]) -> float:
+    """1 if the reply recommends something in a category that one of ``earlier_replies`` asked about."""
+    asked = set().union(*(a.asks for a in earlier_replies))
+    return 1.0 if dialogue.categories_of(reply.items) & asked else 0.0
+
+
 PROBLEMS: dict[str, type[Problem]] = {}
 
 
@@ -147,13 +159,10 @@ class Elicitation(Problem):
         category = self.topics(seed, 1)[0]
         if t == 0:
             return UserMove(say=f"hi. {dialogue.request_ideas(category)}", goal=f"ask for {category} ideas.")
-        return UserMove(
-            say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
-        )
+        return FOLLOW_UP
 
     def gate(self, t, reply, earlier_replies):
-        asked = set().union(*(a.asks for a in earlier_replies)) if earlier_replies else set()
-        return 1.0 if dialogue.categories_of(reply.items) & asked else 0.0
+        return recommends_what_was_asked(reply, earlier_replies)
 
 
 @register_problem
@@ -175,14 +184,10 @@ class Segmented(Problem):
                 say=f"let us talk about {category}. {dialogue.request_ideas(category)}",
                 goal=f"change the topic to {category} and ask for ideas.",
             )
-        return UserMove(
-            say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
-        )
+        return FOLLOW_UP
 
     def gate(self, t, reply, earlier_replies):
-        start = self.segment_start(t)
-        asked = set().union(*(a.asks for a in earlier_replies[start:t])) if t > start else set()
-        return 1.0 if dialogue.categories_of(reply.items) & asked else 0.0
+        return recommends_what_was_asked(reply, earlier_replies[self.segment_start(t) : t])
 
 
 @register_problem
