@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   ppg train --config examples/greedy.yaml run.iterations=50
   ppg train --resume runs/default-20261125-120000             # continue from the latest checkpoint
   ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic
+  ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
   ppg problems
   ppg model build                      # build (once) and print the embedded tiny model's folder
 """
@@ -83,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, default=32, help="conversations to score (default 32)")
     evaluate.set_defaults(handler=cmd_eval)
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(serve)
+    serve.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
+    serve.set_defaults(handler=cmd_serve)
+
     problems = commands.add_parser(
         "problems", help="list the registered problems and which policy class should win"
     )
@@ -136,6 +147,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ppg.serve.cli import serve_main
+
+    return serve_main(args.checkpoint, args.config, args.overrides)
 
 
 def cmd_problems(args: argparse.Namespace) -> int:

@@ -1,7 +1,24 @@
-"""Ray Serve app exposing the policy as an OpenAI-compatible HTTP API (``ppg serve``)."""
+"""Ray Serve app exposing the policy as an OpenAI-compatible HTTP API (``ppg serve``).
 
-from ppg.serve.cli import serve_main, start_server, stop_server
-from ppg.serve.registry import publish_policy
-from ppg.serve.settings import ServeSettings
+Importing this package does not import Ray (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` must be set before
+Ray is imported, which ``start_server`` does); the names below load on first use.
+"""
 
-__all__ = ["ServeSettings", "publish_policy", "serve_main", "start_server", "stop_server"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "ServeSettings": "ppg.serve.settings",
+    "serve_main": "ppg.serve.cli",
+    "start_server": "ppg.serve.cli",
+    "stop_server": "ppg.serve.cli",
+    "publish_policy": "ppg.serve.registry",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ppg.serve' has no attribute {name!r}")

@@ -13,6 +13,7 @@ deployed from ``deploy/serve_config.yaml`` with ``serve run`` / ``serve deploy``
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -44,9 +45,15 @@ def stop_server(app_name: str = "ppg") -> None:
 
     from ppg.serve.registry import kill_registry
 
-    serve.delete(app_name)
-    kill_registry(app_name)
-    serve.shutdown()
+    try:
+        serve.delete(app_name)
+    finally:
+        kill_registry(app_name)
+        serve.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def serve_main(checkpoint: str, config: str | None = None, overrides: list[str] | None = None) -> int:
@@ -71,8 +78,11 @@ def serve_main(checkpoint: str, config: str | None = None, overrides: list[str] 
         os.chmod(key_file, 0o600)
         extra["api_key_file"] = key_file
     settings = ServeSettings.from_config(cfg, Path(checkpoint).resolve(), **extra)
+    code = 0
     try:
         start_server(settings)
+        # after ray.init, which installs its own handler: `kill` / a container stop acts like Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
         url = f"http://{settings.host}:{settings.port}"
         print(f"ppg serve: {settings.model_name} from {checkpoint} at {url}/v1 (Ctrl-C to stop)")
         print(f"  try: curl {url}/healthz")
@@ -80,10 +90,16 @@ def serve_main(checkpoint: str, config: str | None = None, overrides: list[str] 
             time.sleep(3600)
     except KeyboardInterrupt:
         print("ppg serve: stopping")
+    except Exception as e:  # a replica that cannot start (bad weights, no resources): say so, clean up
+        print(f"ppg serve: could not start the application: {e}", file=sys.stderr)
+        code = 1
     finally:
         try:
+            if key_file:
+                os.unlink(key_file)  # running replicas have read it already
             stop_server(settings.app_name)
         finally:
-            if key_file:
-                os.unlink(key_file)
-    return 0
+            import ray
+
+            ray.shutdown()  # the local cluster this command started (no-op when joined via RAY_ADDRESS)
+    return code
