@@ -30,17 +30,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
 import gc  # noqa: E402
-import io  # noqa: E402
 import statistics  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("throughput", "workers", "weights")
@@ -329,21 +328,6 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 # --- output --------------------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue())
-
-
 def fmt(x: float) -> str:
     if x == "":
         return ""
@@ -375,7 +359,7 @@ def write_markdown(rows: list[dict], path: Path, command: str, machine: str) -> 
             f"| {ratio} | {r['baseline']} | {'; '.join(notes)} |"
         )
     text = "\n".join(lines) + "\n"
-    atomic_write(path, text)
+    atomic_write_text(path, text)
     return text
 
 
@@ -432,9 +416,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_title("weight-update latency")
         ax.grid(alpha=0.3, axis="x" if section == "weights" else "y")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
@@ -510,7 +492,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before, start = os.getloadavg(), time.perf_counter()
     rows = run(args)
     machine = machine_line(load_before, time.perf_counter() - start)
-    write_csv(rows, args.out / "rollout.csv")
+    atomic_write_csv(args.out / "rollout.csv", rows, FIELDS)
     print(write_markdown(rows, args.out / "rollout.md", command, machine))
     plot(rows, args.out / "rollout.png")
     print(f"wrote {args.out / 'rollout.csv'}, rollout.md, rollout.png")
