@@ -29,53 +29,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    config = commands.add_parser(
-        "config",
-        help="inspect and validate configuration",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    config = subcommand(commands, "config", "inspect and validate configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
-    show = config_commands.add_parser(
-        "show",
-        help="print the resolved config (defaults <- file <- overrides) as YAML",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    show = subcommand(
+        config_commands, "show", "print the resolved config (defaults <- file <- overrides) as YAML"
     )
     add_config_arguments(show)
     show.set_defaults(handler=cmd_config_show)
 
-    model = commands.add_parser(
-        "model",
-        help="build or locate the configured policy model",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    model = subcommand(commands, "model", "build or locate the configured policy model")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
-    build = model_commands.add_parser(
+    build = subcommand(
+        model_commands,
         "build",
-        help="resolve model.name_or_path to a local folder (builds "
-        "'embedded:tiny' on first use) and print it",
+        "resolve model.name_or_path to a local folder (builds 'embedded:tiny' on first use) and print it",
     )
     add_config_arguments(build)
     build.set_defaults(handler=cmd_model_build)
 
-    train = commands.add_parser(
-        "train",
-        help="train a policy (rollouts -> PPG update -> weight broadcast)",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    train = subcommand(commands, "train", "train a policy (rollouts -> PPG update -> weight broadcast)")
     add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = commands.add_parser(
-        "eval",
-        help="score a checkpoint on a problem's held-out personas",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    evaluate = subcommand(commands, "eval", "score a checkpoint on a problem's held-out personas")
     add_config_arguments(evaluate)
     evaluate.add_argument(
         "--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder"
@@ -84,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=int, default=32, help="conversations to score (default 32)")
     evaluate.set_defaults(handler=cmd_eval)
 
-    serve = commands.add_parser(
-        "serve",
-        help="serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    serve = subcommand(commands, "serve", "serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)")
     add_config_arguments(serve)
     serve.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
     serve.set_defaults(handler=cmd_serve)
@@ -99,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     problems.set_defaults(handler=cmd_problems)
     return parser
+
+
+def subcommand(commands, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the examples."""
+    return commands.add_parser(
+        name, help=help, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
