@@ -76,6 +76,11 @@ class RolloutConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="vLLM rollout actors; resizable during a run")
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per rollout worker, e.g. {ppg_rollout: 1} to place workers "
+        "on a cluster's rollout node group (cluster/README.md)",
+    )
     episodes_per_iteration: PositiveInt = 32
     group_size: PositiveInt = Field(default=4, description="conversations per persona (group baseline)")
     temperature: float = Field(default=1.0, ge=0)
@@ -101,6 +106,12 @@ class RolloutConfig(Section):
 class LearnerConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="Ray Train (DDP) workers")
     use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="custom Ray resources per learner worker, e.g. {ppg_learner: 1} for the learner "
+        "node group (cluster/README.md)",
+    )
     lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)

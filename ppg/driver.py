@@ -120,7 +120,9 @@ def fit(
             "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ScalingConfig(
-            num_workers=learner.num_workers, use_gpu=learner.use_gpu, resources_per_worker={"CPU": 1}
+            num_workers=learner.num_workers,
+            use_gpu=learner.use_gpu,
+            resources_per_worker={"CPU": learner.cpus_per_worker, **learner.resources},
         ),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
         run_config=RunConfig(name="learner", storage_path=str(run_dir / "ray_train")),

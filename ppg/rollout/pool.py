@@ -79,6 +79,7 @@ class RolloutPool:
                 name=name,
                 num_cpus=r.cpus_per_worker,
                 num_gpus=r.gpus_per_worker,
+                resources=dict(r.resources),  # e.g. {ppg_rollout: 1}: the cluster's rollout node group
                 max_restarts=0,
                 runtime_env={"env_vars": env_vars},
             )
