@@ -131,12 +131,47 @@ class LearnerConfig(Section):
     )
 
 
+class Autoscaling(Section):
+    """Ray Serve autoscaling; replaces ``serve.num_replicas`` when given."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: PositiveInt = 2
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(Section):
-    enabled: bool = False
+    """The HTTP policy server (``ppg serve``, or live during ``ppg train`` with ``enabled``)."""
+
+    enabled: bool = Field(default=False, description="serve the live policy while ppg train runs")
+    after_training: Literal["stop", "keep"] = Field(
+        default="stop", description="when ppg train ends: stop the server, or keep serving until Ctrl-C"
+    )
     host: str = Field(default="127.0.0.1", description="bind address; loopback unless you mean otherwise")
     port: int = Field(default=8000, ge=1, le=65535)
+    app_name: str = Field(default="ppg", min_length=1, description="Ray Serve application name")
+    model_name: str = Field(default="ppg-policy", min_length=1, description="served id: <name>-v<version>")
     num_replicas: PositiveInt = 1
+    autoscaling: Autoscaling | None = None
+    num_cpus_per_replica: float = Field(default=1.0, ge=0)
+    num_gpus_per_replica: float = Field(default=0.0, ge=0)
     max_tokens_limit: PositiveInt = Field(default=256, description="largest max_tokens a request may ask")
+    max_n: PositiveInt = Field(default=4, description="largest n (choices per request)")
+    max_ongoing_requests: PositiveInt = Field(default=64, description="per replica; the rest queue")
+    max_batch_size: PositiveInt = Field(default=32, description="concurrent requests fused into one generate")
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    reload_poll_s: float = Field(
+        default=1.0, gt=0, description="how often a replica checks for a newer policy"
+    )
+    api_key_env: str = Field(
+        default="PPG_SERVE_API_KEY", description="env var holding the bearer token (unset = no auth)"
+    )
+    api_key_file: str | None = Field(default=None, description="file holding the bearer token")
 
 
 class RunConfig(Section):

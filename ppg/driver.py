@@ -65,19 +65,34 @@ def train(
     policy_path = policy_path or reference_path
     connect_ray()
     pool = start_pool(config, policy_path)
+    version = 0
     if resume_from is not None:  # the workers serve the checkpoint's weights: give them its version
         import ray
 
         from ppg.learner.checkpoint import load_state
 
-        ray.get(pool.update_weights.remote(load_state(resume_from)[0]["policy_version"], policy_path))
+        version = load_state(resume_from)[0]["policy_version"]
+        ray.get(pool.update_weights.remote(version, policy_path))
+    service = None
     try:
+        if config.serve.enabled:  # the live policy over HTTP; the learner publishes every update to it
+            from ppg.serve.cli import PolicyService
+
+            service = PolicyService(config, policy_path, policy_version=version)
+            print(f"[ppg] serving the live policy at {service.url}/v1", flush=True)
         fit(config, run_dir, policy_path, reference_path, resume_from)
     finally:
         import ray
 
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+        if service is not None and config.serve.after_training == "stop":
+            service.close()
+    if service is not None and config.serve.after_training == "keep":
+        try:
+            service.wait_for_interrupt("the trained policy")
+        finally:
+            service.close()
     from ppg.learner.metrics import plot_rewards, read_metrics
 
     if read_metrics(run_dir):

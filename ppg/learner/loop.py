@@ -54,6 +54,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from ppg.learner.checkpoint import load_state, prune_checkpoints, save_checkpoint
     from ppg.learner.metrics import MetricsWriter
     from ppg.learner.update import PolicyLearner, check_staleness, global_advantages
+    from ppg.serve.registry import publish_policy
 
     config = PPGConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
@@ -138,7 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         report = {}
         if rank == 0:
             unwrapped = model.module if hasattr(model, "module") else model
-            weights = {k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()}
+            weights = ray.put({k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()})
+            if config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
+                publish_policy(config.serve.app_name, version, weights)
             acks = ray.get(pool.update_weights.remote(version, weights))
             if set(acks.values()) != {version}:
                 raise RuntimeError(
