@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   ppg train --resume runs/default-20261125-120000             # continue from the latest checkpoint
   ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic
   ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
+  ppg experiment --suite experiments/paper.yaml      # classes x problems x seeds; resumable
   ppg problems
   ppg model build                      # build (once) and print the embedded tiny model's folder
 """
@@ -65,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve)
     serve.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
     serve.set_defaults(handler=cmd_serve)
+
+    experiment = subcommand(
+        commands, "experiment", "run a suite: policy classes x problems x seeds -> tables and plots"
+    )
+    experiment.add_argument("--suite", required=True, metavar="FILE", help="suite YAML (experiments/*.yaml)")
+    experiment.add_argument(
+        "--out", metavar="DIR", help="output folder (default experiments/results/<suite name>); resumes"
+    )
+    experiment.add_argument(
+        "--report-only", action="store_true", help="rebuild the tables and plots from finished cells"
+    )
+    experiment.set_defaults(handler=cmd_experiment)
 
     problems = commands.add_parser(
         "problems", help="list the registered problems and which policy class should win"
@@ -132,6 +145,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ppg.serve.cli import serve_main
 
     return serve_main(args.checkpoint, args.config, args.overrides)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ppg.experiment.report import write_report
+    from ppg.experiment.runner import run_suite
+    from ppg.experiment.suite import load_suite
+
+    suite = load_suite(args.suite)
+    out = Path(args.out) if args.out else Path("experiments") / "results" / suite.name
+    if args.report_only:
+        if not write_report(suite, out):
+            print(f"ppg: no finished cells under {out}", file=sys.stderr)
+            return 2
+        return 0
+    print(f"results: {run_suite(suite, out)}")
+    return 0
 
 
 def cmd_problems(args: argparse.Namespace) -> int:

@@ -43,8 +43,11 @@ def train(
     resume: Path | None = None,
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
+    pool=None,
 ) -> Path:
-    """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint."""
+    """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint.
+    ``pool``: a running rollout pool actor to reuse (``ppg experiment``); it is reconfigured for this
+    run and left running."""
     from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
     from ppg.models import resolve_model
 
@@ -64,15 +67,20 @@ def train(
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
     connect_ray()
-    pool = start_pool(config, policy_path)
-    version = 0
-    if resume_from is not None:  # the workers serve the checkpoint's weights: give them its version
-        import ray
+    import ray
 
+    version = 0
+    if resume_from is not None:  # the workers serve the checkpoint's weights, as its version
         from ppg.learner.checkpoint import load_state
 
         version = load_state(resume_from)[0]["policy_version"]
-        ray.get(pool.update_weights.remote(version, policy_path))
+    own_pool = pool is None
+    if own_pool:
+        pool = start_pool(config, policy_path)
+        if resume_from is not None:
+            ray.get(pool.update_weights.remote(version, policy_path))
+    else:
+        ray.get(pool.reconfigure.remote(config, version, policy_path))
     service = None
     try:
         if config.serve.enabled:  # the live policy over HTTP; the learner publishes every update to it
@@ -82,10 +90,9 @@ def train(
             print(f"[ppg] serving the live policy at {service.url}/v1", flush=True)
         fit(config, run_dir, policy_path, reference_path, resume_from)
     finally:
-        import ray
-
-        ray.get(pool.shutdown.remote())
-        ray.kill(pool)
+        if own_pool:
+            ray.get(pool.shutdown.remote())
+            ray.kill(pool)
         if service is not None and config.serve.after_training == "stop":
             service.close()
     if service is not None and config.serve.after_training == "keep":

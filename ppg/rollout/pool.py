@@ -108,6 +108,19 @@ class RolloutPool:
             acks = self._ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
         return dict(zip(names, acks, strict=True))
 
+    def reconfigure(self, config: PPGConfig, version: int, weights: Weights) -> dict[str, int]:
+        """Point every worker (and every later one) at a new run's config and weights, keeping the
+        engines: starting vLLM is the expensive part of a pool. Returns each worker's version."""
+        ref = str(weights) if isinstance(weights, (str, Path)) else self._ray.put(dict(weights))
+        with self._lock:
+            self.config, self._weights, self.policy_version = config, ref, version
+            names = list(self.workers)
+            payload = config.model_dump(mode="json")
+            acks = self._ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
+            self._target = config.rollout.num_workers
+        self._reconcile(busy=set())
+        return dict(zip(names, acks, strict=True))
+
     def versions(self) -> dict[str, int]:
         with self._lock:
             names = list(self.workers)

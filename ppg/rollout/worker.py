@@ -81,6 +81,28 @@ class RolloutWorker:
     def version(self) -> int:
         return self.policy_version
 
+    def reconfigure(self, config: dict, version: int, weights: Weights) -> int:
+        """Serve another run with the same engine (``ppg experiment``: one pool for a whole grid):
+        a new problem, judge, partner and sampling, and ``weights`` as ``version``. What the engine was
+        built with (model, dtype, context, KV cache) cannot change without a restart."""
+        from ppg.env.factory import make_environment
+
+        new = PPGConfig.model_validate(config)
+
+        def engine_settings(c: PPGConfig) -> tuple:
+            return c.model, c.rollout.engine, c.rollout.kv_cache_gib
+
+        if engine_settings(new) != engine_settings(self.config):
+            raise ValueError(
+                "reconfigure cannot change model.*, rollout.engine or rollout.kv_cache_gib: start a new pool"
+            )
+        self.config = new
+        r = new.rollout
+        self.env = make_environment(new, llm=self._shared_llm())
+        self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
+        self.sampling = SamplingSpec(r.max_tokens_per_turn, r.temperature, r.top_p)
+        return self.update_weights(version, weights)
+
     def update_weights(self, version: int, weights: Weights) -> int:
         self.engine.update_weights(weights)
         self.policy_version = version

@@ -1,0 +1,1 @@
+"""``ppg experiment``: policy classes x problems x seeds, with the paper's comparison as tables and plots."""

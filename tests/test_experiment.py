@@ -1,0 +1,241 @@
+"""``ppg experiment``: suite validation, the gradient statistics behind the selector (against exact
+autograd answers and closed-form moments), the report's statistics, and a real resumable grid run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ppg.config import load_config
+from ppg.env.conversation import run_conversations
+from ppg.env.corpus import scripted_agent
+from ppg.env.judges import RuleJudge
+from ppg.env.partners import ScriptedPartner
+from ppg.env.personas import load_personas
+from ppg.env.problems import make_problem
+from ppg.episode import collate, episode_from_conversation
+from ppg.experiment.report import episodes_to_target, interval
+from ppg.experiment.selector import (
+    ClassGradientStats,
+    _Moments,
+    gradient_stats,
+    per_turn_gradients,
+    select_class,
+)
+from ppg.experiment.suite import Suite, SuiteError, load_suite
+from ppg.learner.update import global_advantages
+from ppg.loss import policy_gradient_loss, token_logprobs
+from ppg.models import resolve_model
+from ppg.objectives import FullPlanning, Greedy, GroupMean, KStep, Objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- suites -------------------------------------------------------------------------------------
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = """
+name: t
+classes: {full: {type: full}, greedy: {type: greedy}}
+seeds: [0]
+"""
+
+
+def test_shipped_suites_load_and_every_cell_is_a_valid_config():
+    for path in sorted((ROOT / "experiments").glob("*.yaml")):
+        suite = load_suite(path)
+        assert suite.cells(), path
+    paper = load_suite(ROOT / "experiments" / "paper.yaml")
+    assert ("segmented", "segment", 0) in paper.cells() and ("myopic", "segment", 0) not in paper.cells()
+    config = paper.config("segmented", "k2", 2)
+    assert (config.objective.policy_class, config.run.seed, config.problem.name) == (
+        KStep(k=2),
+        2,
+        "segmented",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (BASE + "problems: {myopic: {}}\n", "exactly one of target_reward and target_gain"),
+        (BASE + "problems: {myopic: {target_reward: 0.1, classes: [k9]}}\n", "unknown classes ['k9']"),
+        (BASE + "problems: {myopic: {target_gain: 0.1}}\n", "needs the selector"),
+        (BASE + "problems: {myopic: {target_reward: 0.1}}\nextra: 1\n", "extra"),
+        (
+            BASE.replace("seeds: [0]", "seeds: [1, 1]") + "problems: {myopic: {target_reward: 0.1}}\n",
+            "distinct",
+        ),
+        (
+            BASE
+            + "problems: {myopic: {target_reward: 0.1}}\n".replace(
+                "0.1}", "0.1, overrides: {rollout.group_size: 0}}"
+            ),
+            "rollout.group_size",
+        ),
+        (BASE + "problems: {nosuch: {target_reward: 0.1}}\n", "unknown problem"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_suites_name_the_field(tmp_path, text, message):
+    with pytest.raises(SuiteError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_suite(write(tmp_path, text))
+
+
+def test_missing_suite_file(tmp_path):
+    with pytest.raises(SuiteError, match="does not exist"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+# ---- report statistics ----------------------------------------------------------------------------
+def test_interval_and_episodes_to_target():
+    mean, half = interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert math.isnan(interval([5.0])[1])
+    # the smoothed (3-iteration) reward first reaches 0.5 at the 4th iteration
+    assert episodes_to_target([8, 16, 24, 32, 40], [0.0, 0.9, 0.0, 0.6, 0.9], 0.5) == 32
+    assert episodes_to_target([8, 16, 24], [0.0, 0.1, 0.2], 0.5) is None
+
+
+# ---- gradient statistics --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_path():
+    return resolve_model("embedded:tiny")
+
+
+@pytest.fixture(scope="module")
+def episodes(model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    problem = make_problem(load_config(None, ["problem.name=myopic", "problem.num_turns=3"]).problem)
+    personas = load_personas()[:3]
+    convs = run_conversations(
+        problem,
+        [p for p in personas for _ in range(2)],
+        list(range(6)),
+        scripted_agent(1),
+        ScriptedPartner(),
+        RuleJudge(),
+    )
+    return [
+        episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
+        for i, c in enumerate(convs)
+    ]
+
+
+def test_moments_match_torch_covariance_and_mean():
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    m = _Moments()
+    for row in x:
+        m.add(row)
+    assert m.trace_cov() == pytest.approx(float(torch.cov(x.T).trace()), rel=1e-10)
+    assert torch.allclose(m.mean(), x.mean(0))
+
+
+def test_per_turn_gradients_combine_into_the_loss_gradient_exactly(model_path, episodes):
+    """sum_t A[t] G[t] for one episode equals -grad of the learner's loss with advantages A (B=1)."""
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    params = list(model.parameters())
+    episode = episodes[0]
+    G = per_turn_gradients(model, episode, params)
+    assert G.shape == (episode.num_turns, sum(p.numel() for p in params))
+    advantages = torch.tensor([[0.5, -1.0, 2.0]])
+    batch = collate([episode])
+    logits = model(input_ids=batch.token_ids, attention_mask=batch.attention_mask.long()).logits
+    loss = policy_gradient_loss(
+        token_logprobs(logits, batch.token_ids), batch.agent_mask, batch.token_turn, advantages
+    )
+    grads = torch.autograd.grad(loss, params)
+    expected = -torch.cat([g.reshape(-1) for g in grads])
+    assert torch.allclose(advantages[0] @ G, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_stats_reference_has_no_bias_and_matches_a_direct_computation(model_path, episodes):
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    params = [model.lm_head.weight]  # a slice keeps the direct check cheap
+    classes = {"full": FullPlanning(), "greedy": Greedy()}
+    objective = Objective(baseline=GroupMean())
+    stats = gradient_stats(model, episodes, classes, objective, parameters=params)
+    assert stats["full"].bias_sq == 0.0 and stats["greedy"].episodes == len(episodes)
+    # direct: per-episode gradient vectors, then per-coordinate variances
+    per_episode = {k: [] for k in classes}
+    for k, c in classes.items():
+        adv = global_advantages(episodes, objective.model_copy(update={"policy_class": c}))
+        for i, e in enumerate(episodes):
+            per_episode[k].append(adv[i, : e.num_turns] @ per_turn_gradients(model, e, params))
+    for k in classes:
+        X = torch.stack(per_episode[k]).double()
+        assert stats[k].variance == pytest.approx(float(X.var(0).sum()), rel=1e-4)  # tr Cov
+    D = (torch.stack(per_episode["greedy"]) - torch.stack(per_episode["full"])).double()
+    unbiased = float(D.mean(0).pow(2).sum()) - float(D.var(0).sum()) / len(episodes)
+    assert stats["greedy"].bias_sq == pytest.approx(max(0.0, unbiased), rel=1e-4, abs=1e-9)
+
+
+def test_selector_minimises_mse_at_the_batch_size():
+    stats = {
+        "full": ClassGradientStats("full", variance=100.0, bias_sq=0.0, mean_norm_sq=1.0, episodes=64),
+        "greedy": ClassGradientStats("greedy", variance=10.0, bias_sq=1.0, mean_norm_sq=1.0, episodes=64),
+    }
+    assert select_class(stats, batch_size=32) == "greedy"  # 1 + 10/32 < 100/32
+    assert select_class(stats, batch_size=1000) == "full"  # 0.1 < 1.01: with many episodes bias dominates
+
+
+# ---- a real grid, interrupted and resumed -----------------------------------------------------------
+@pytest.mark.slow
+def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
+    from ppg.experiment.runner import cell_dir, run_suite
+    from ppg.learner.metrics import read_metrics
+
+    suite = Suite.model_validate(
+        {
+            "name": "t",
+            "base": {
+                "run.iterations": 2,
+                "run.checkpoint_every": 1,
+                "run.keep_last": 2,
+                "rollout.episodes_per_iteration": 8,
+                "rollout.max_tokens_per_turn": 8,
+                "problem.num_turns": 2,
+            },
+            "classes": {"full": {"type": "full"}, "greedy": {"type": "greedy"}},
+            "problems": {"myopic": {"target_gain": 0.01}},
+            "seeds": [0],
+            "selector": {"pilot_episodes": 8},
+        }
+    )
+    out = run_suite(suite, tmp_path / "grid")
+    pilot = json.loads((out / "pilots" / "myopic-seed0.json").read_text())
+    assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 8
+    assert set(pilot["classes"]) == {"full", "greedy"} and pilot["classes"]["full"]["bias_sq"] == 0.0
+    for name in ("results.csv", "results.md", "selector.csv", "reward_curves.png", "gradient_variance.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| myopic | " in (out / "results.md").read_text()
+
+    # interrupt the last cell after its first iteration: drop done.json, the last checkpoint, its metrics
+    cell = cell_dir(out, "myopic", "greedy", 0)
+    before = read_metrics(cell)
+    (cell / "done.json").unlink()
+    shutil.rmtree(cell / "checkpoints" / "iter_000002")
+    lines = (cell / "metrics.jsonl").read_text().splitlines()
+    (cell / "metrics.jsonl").write_text(lines[0] + "\n")
+    finished = cell_dir(out, "myopic", "full", 0) / "done.json"
+    stamp = finished.stat().st_mtime_ns
+    run_suite(suite, out)
+    assert finished.stat().st_mtime_ns == stamp, "a finished cell was run again"
+    after = read_metrics(cell)
+    assert [r["batch_fingerprint"] for r in after] == [r["batch_fingerprint"] for r in before]
+    assert after[-1]["reward_mean"] == before[-1]["reward_mean"]
+
+    changed = suite.model_copy(update={"seeds": [0, 1]})
+    with pytest.raises(SuiteError, match="different suite"):
+        run_suite(changed, out)
