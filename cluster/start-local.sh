@@ -30,6 +30,9 @@ usage: bash cluster/start-local.sh [options]
   --num-cpus N        logical CPUs (default 4: driver, learner, rollout workers, partner actors)
   --rollout-slots N   ppg_rollout: how many rollout workers fit (default 2)
   --learner-slots N   ppg_learner: how many learner workers fit (default 1)
+  --agent-port N      the node's dashboard-agent HTTP port, which job submission goes through
+                      (default: a free port; Ray's 52365 is taken by any other Ray on the machine)
+  --client-port N     Ray Client server port (default: a free port instead of Ray's 10001)
   --temp-dir DIR      Ray's temp dir (default: a new /tmp/ppg-ray-XXXX; keep it short, Unix
                       socket paths under it must stay below ~107 characters)
 
@@ -45,6 +48,8 @@ dashboard_port=8265
 num_cpus=4
 rollout_slots=2
 learner_slots=1
+agent_port=""
+client_port=""
 temp_dir=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
     --num-cpus) num_cpus="$2"; shift 2 ;;
     --rollout-slots) rollout_slots="$2"; shift 2 ;;
     --learner-slots) learner_slots="$2"; shift 2 ;;
+    --agent-port) agent_port="$2"; shift 2 ;;
+    --client-port) client_port="$2"; shift 2 ;;
     --temp-dir) temp_dir="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "start-local.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -76,10 +83,16 @@ if [ "$RAY_AUTH_MODE" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_A
   ray get-auth-token --generate >/dev/null   # writes ~/.ray/auth_token; never printed here
 fi
 
+free_port() {
+  python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+agent_port="${agent_port:-$(free_port)}"
+client_port="${client_port:-$(free_port)}"
 temp_dir="${temp_dir:-$(mktemp -d /tmp/ppg-ray-XXXX)}"
 echo "[cluster] head 127.0.0.1:$port, dashboard and jobs http://127.0.0.1:$dashboard_port," \
   "ppg_learner=$learner_slots ppg_rollout=$rollout_slots, temp dir $temp_dir (auth: $RAY_AUTH_MODE)"
 exec ray start --head --block --node-ip-address=127.0.0.1 --port="$port" \
   --dashboard-host=127.0.0.1 --dashboard-port="$dashboard_port" --num-cpus="$num_cpus" \
   --resources="{\"ppg_learner\": $learner_slots, \"ppg_rollout\": $rollout_slots}" \
+  --dashboard-agent-listen-port="$agent_port" --ray-client-server-port="$client_port" \
   --temp-dir="$temp_dir" --disable-usage-stats

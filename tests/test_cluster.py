@@ -1,0 +1,241 @@
+"""Ray cluster tooling (cluster/): a real loopback head from cluster/start-local.sh with token
+authentication, a real `ray job submit --working-dir .` of `ppg train` whose rollout pool is resized
+from outside by cluster/scale_rollout.py (itself a submitted job), and the launcher YAML checked
+with the Ray autoscaler's own schema. The test stops only the cluster it started (its process
+group), never `ray stop`, so the other Ray clusters of the session keep running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ppg.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent  # the venv's bin: its `ray`, `ppg` and Python
+RAY = str(VENV_BIN / "ray")
+CONFIGS = ROOT / "cluster" / "configs"
+GROUP_RESOURCE = {"rollout": "ppg_rollout", "learner": "ppg_learner"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (the cluster's temp dir)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd and proc.name.isdigit() and int(proc.name) != os.getpid():
+            out.append(cmd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """cluster/start-local.sh on free loopback ports with its own token; stopped by SIGTERM to the
+    process it became (`ray start --block`), then SIGKILL to its process group if anything is left."""
+    base = Path(tempfile.mkdtemp(prefix="ppgc-", dir="/tmp"))  # short: Unix socket paths < 107 chars
+    token = base / "token"
+    token.write_text(os.urandom(24).hex())
+    ports = {name: free_port() for name in ("gcs", "dashboard")}
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    log = open(base / "cluster.log", "w")  # noqa: SIM115 - open for the cluster's whole life
+    proc = subprocess.Popen(
+        ["bash", "cluster/start-local.sh", "--port", str(ports["gcs"]), "--dashboard-port",
+         str(ports["dashboard"]), "--temp-dir", str(base / "r")],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    try:
+        deadline = time.monotonic() + 90
+        # Ready when it takes a job: the dashboard answers before the node's job agent registers.
+        while http_status(f"{dashboard}/api/jobs/", token.read_text(), {"entrypoint": "true"}) != 200:
+            assert proc.poll() is None, (base / "cluster.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the head did not take a job in 90 s"
+            time.sleep(0.5)
+        yield {"dashboard": dashboard, "env": env, "token": token.read_text(), "base": base}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        left = cluster_processes(str(base))
+        if left:  # a leftover would be ours: kill its group, then fail loudly
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(base, ignore_errors=True)
+        assert not left, f"processes of the test cluster survived its stop: {left}"
+
+
+def http_status(url: str, token: str | None = None, post: dict | None = None) -> int:
+    """The HTTP status of a GET (or a JSON POST), 0 when nothing answers."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if post is not None:
+        data, headers["Content-Type"] = json.dumps(post).encode(), "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def submit(cluster, *entrypoint: str, env: dict | None = None) -> subprocess.Popen:
+    """`ray job submit --working-dir .` from the repository root; its output streams the job's logs."""
+    return subprocess.Popen(
+        [RAY, "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".", "--", *entrypoint],
+        cwd=ROOT, env=env or cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def test_the_head_refuses_clients_without_the_token(local_cluster):
+    url = f"{local_cluster['dashboard']}/api/jobs/"
+    assert http_status(url) == 401
+    assert http_status(url, "not-the-token") in (401, 403)
+    assert http_status(url, local_cluster["token"]) == 200
+    no_token = dict(local_cluster["env"], RAY_AUTH_MODE="disabled")
+    listing = subprocess.run(
+        [RAY, "job", "list", "--address", local_cluster["dashboard"]],
+        cwd=ROOT, env=no_token, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listing.returncode != 0 and "Authentication required" in listing.stderr
+
+
+@pytest.mark.slow
+def test_job_submission_trains_checkpoints_and_scales_rollouts(local_cluster, tmp_path):
+    """The issue's job: `ray job submit --working-dir . -- ppg train --config ...` against the head.
+    While it runs, two more jobs resize its rollout pool: to 3 (refused: the head has 2 ppg_rollout
+    slots) and to 2 (done). The run folder, checkpoints and metrics land where run.output_dir says."""
+    from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
+    from ppg.learner.metrics import read_metrics
+
+    output_dir = tmp_path / "runs"
+    train = submit(
+        local_cluster,
+        "ppg", "train", "--config", "cluster/configs/local.yaml",
+        "run.iterations=4", "run.checkpoint_every=2", "run.keep_last=5",
+        "rollout.episodes_per_iteration=8", "rollout.group_size=4",
+        "rollout.requests_per_worker=1", "rollout.max_tokens_per_turn=16",
+        f"run.output_dir={output_dir}", "run.name=cluster-job",
+    )  # fmt: skip
+    too_many = submit(local_cluster, "python", "cluster/scale_rollout.py", "3", "--wait", "180")
+    scale_up = submit(local_cluster, "python", "cluster/scale_rollout.py", "2", "--wait", "180")
+    outputs = {name: p.communicate(timeout=420)[0] for name, p in
+               {"train": train, "too_many": too_many, "scale_up": scale_up}.items()}  # fmt: skip
+
+    assert train.returncode == 0, outputs["train"][-4000:]
+    assert "[ppg] iter 1/4" in outputs["train"] and "[ppg] iter 4/4" in outputs["train"], "logs stream"
+    assert scale_up.returncode == 0, outputs["scale_up"][-3000:]
+    assert "1 -> 2 workers" in outputs["scale_up"]
+    assert too_many.returncode != 0 and "do not fit (ppg_rollout: needs 2, 1 free)" in outputs["too_many"]
+
+    (run,) = output_dir.iterdir()
+    assert run.name.startswith("cluster-job-") and f"run folder: {run}" in outputs["train"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["rollout"]["resources"] == {"ppg_rollout": 1}
+    rows = read_metrics(run)
+    assert [r["policy_version"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["weights_acked_by"] == 2, "the resized pool's new worker got the weights"
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["iter_000002", "iter_000004"]
+    assert (latest_checkpoint(run) / "policy" / "model.safetensors").stat().st_size > 0
+    validate_checkpoint(latest_checkpoint(run))
+
+
+def test_start_local_script_usage():
+    shown = subprocess.run(["bash", "cluster/start-local.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert shown.returncode == 0 and "ray job submit" in shown.stdout and "--rollout-slots" in shown.stdout
+    bad = subprocess.run(["bash", "cluster/start-local.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr
+
+
+def load_scale_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_rollout", ROOT / "cluster" / "scale_rollout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scale_rollout_capacity_check_and_arguments(capsys):
+    scale = load_scale_module()
+    demand = {"CPU": 1.0, "ppg_rollout": 1.0}
+    assert scale.shortfall(demand, 1, {"CPU": 2.0, "ppg_rollout": 1.0}) == {}
+    assert scale.shortfall(demand, 2, {"CPU": 2.0, "ppg_rollout": 1.0}) == {"ppg_rollout": (2.0, 1.0)}
+    assert scale.shortfall(demand, 1, {"CPU": 0.5}) == {"CPU": (1.0, 0.5), "ppg_rollout": (1.0, 0.0)}
+    assert scale.POOL_ACTOR == __import__("ppg.learner.loop", fromlist=["POOL_ACTOR"]).POOL_ACTOR
+    with pytest.raises(SystemExit) as e:
+        scale.main(["0"])
+    assert e.value.code == 2 and "num_workers must be >= 1" in capsys.readouterr().err
+
+
+# --- configs and the cluster launcher YAML -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["local", "cpu", "gpu"])
+def test_cluster_configs_place_workers_by_group_resources(name):
+    config = load_config(CONFIGS / f"{name}.yaml")
+    assert set(config.rollout.resources) == {"ppg_rollout"} and set(config.learner.resources) == {"ppg_learner"}
+    # A job runs in a temporary copy of --working-dir: a relative run folder would be deleted with it.
+    assert config.run.output_dir.is_absolute()
+
+
+def test_launcher_yaml_is_valid_and_its_groups_fit_the_gpu_config():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster" / "ray-cluster.gpu.yaml").read_text())
+    prepared = prepare_config(raw)
+    validate_config(prepared)  # the autoscaler's own JSON schema and checks
+
+    types = raw["available_node_types"]
+    assert set(types) == {"head", "learner", "rollout"} and raw["head_node_type"] == "head"
+    assert not {"ppg_rollout", "ppg_learner"} & set(types["head"]["resources"]), "no workers on the head"
+    config = load_config(CONFIGS / "gpu.yaml")
+    for group, resource in GROUP_RESOURCE.items():
+        node = types[group]["resources"]
+        assert resource in node and set(node) - {"CPU", "GPU", "memory"} == {resource}, group
+    rollout, learner = types["rollout"], types["learner"]
+    # rollout: autoscaled from zero; its slots per node are its GPUs over each worker's GPU share
+    assert rollout["min_workers"] == 0 < rollout["max_workers"]
+    slots = rollout["resources"]["ppg_rollout"]
+    assert slots == rollout["resources"]["GPU"] / config.rollout.gpus_per_worker
+    assert config.rollout.num_workers <= slots * rollout["max_workers"]
+    assert slots * config.rollout.cpus_per_worker <= rollout["resources"]["CPU"]
+    # learner: fixed size, one GPU per DDP worker
+    assert learner["min_workers"] == learner["max_workers"] >= config.learner.num_workers
+    assert config.learner.use_gpu and learner["resources"]["GPU"] >= 1
+    # the shared folder every node mounts holds the run folder
+    mounts = [o for o in raw["docker"]["run_options"] if o.startswith("-v ")]
+    assert any(config.run.output_dir.is_relative_to(m.split(":")[1]) for m in mounts)
+    assert "-e RAY_AUTH_MODE=token" in raw["docker"]["run_options"]
+    assert json.dumps(raw).count("ppg:0.1.0-gpu") == 1
