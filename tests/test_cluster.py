@@ -172,9 +172,13 @@ def test_job_submission_trains_checkpoints_and_scales_rollouts(local_cluster, tm
 
 
 def test_start_local_script_usage():
-    shown = subprocess.run(["bash", "cluster/start-local.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
+    shown = subprocess.run(
+        ["bash", "cluster/start-local.sh", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
     assert shown.returncode == 0 and "ray job submit" in shown.stdout and "--rollout-slots" in shown.stdout
-    bad = subprocess.run(["bash", "cluster/start-local.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", "cluster/start-local.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "unknown option '--bogus'" in bad.stderr
 
 
@@ -205,7 +209,8 @@ def test_scale_rollout_capacity_check_and_arguments(capsys):
 @pytest.mark.parametrize("name", ["local", "cpu", "gpu"])
 def test_cluster_configs_place_workers_by_group_resources(name):
     config = load_config(CONFIGS / f"{name}.yaml")
-    assert set(config.rollout.resources) == {"ppg_rollout"} and set(config.learner.resources) == {"ppg_learner"}
+    assert set(config.rollout.resources) == {"ppg_rollout"}
+    assert set(config.learner.resources) == {"ppg_learner"}
     # A job runs in a temporary copy of --working-dir: a relative run folder would be deleted with it.
     assert config.run.output_dir.is_absolute()
 
