@@ -28,3 +28,40 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+def scripted_episodes(
+    problem_name: str, num_personas: int, per_persona: int = 2, num_turns: int | None = None
+):
+    """Real episodes without an engine: the scripted agent talks to the scripted partner, the rule
+    judge scores it, and each conversation is rendered through the tiny model's chat template.
+    Episodes of one persona share a group id (group baselines)."""
+    from transformers import AutoTokenizer
+
+    from ppg.config import load_config
+    from ppg.env.conversation import run_conversations
+    from ppg.env.corpus import scripted_agent
+    from ppg.env.judges import RuleJudge
+    from ppg.env.partners import ScriptedPartner
+    from ppg.env.personas import load_personas
+    from ppg.env.problems import make_problem
+    from ppg.episode import episode_from_conversation
+    from ppg.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny"))
+    overrides = [f"problem.name={problem_name}"] + ([f"problem.num_turns={num_turns}"] if num_turns else [])
+    problem = make_problem(load_config(None, overrides).problem)
+    personas = load_personas()[:num_personas]
+    n = num_personas * per_persona
+    convs = run_conversations(
+        problem,
+        [p for p in personas for _ in range(per_persona)],
+        list(range(n)),
+        scripted_agent(1),
+        ScriptedPartner(),
+        RuleJudge(),
+    )
+    return [
+        episode_from_conversation(c, tokenizer, problem_name, group_id=i // per_persona, policy_version=0)
+        for i, c in enumerate(convs)
+    ]

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from conftest import scripted_episodes
+from transformers import AutoModelForCausalLM
 
-from ppg.config import load_config
-from ppg.env.conversation import run_conversations
-from ppg.env.corpus import scripted_agent
-from ppg.env.judges import RuleJudge
-from ppg.env.partners import ScriptedPartner
-from ppg.env.personas import load_personas
-from ppg.env.problems import make_problem
-from ppg.episode import collate, episode_from_conversation
+from ppg.episode import collate
 from ppg.experiment.report import episodes_to_target, interval
 from ppg.experiment.selector import (
     ClassGradientStats,
@@ -115,21 +109,7 @@ def model_path():
 
 @pytest.fixture(scope="module")
 def episodes(model_path):
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problem = make_problem(load_config(None, ["problem.name=myopic", "problem.num_turns=3"]).problem)
-    personas = load_personas()[:3]
-    convs = run_conversations(
-        problem,
-        [p for p in personas for _ in range(2)],
-        list(range(6)),
-        scripted_agent(1),
-        ScriptedPartner(),
-        RuleJudge(),
-    )
-    return [
-        episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
-        for i, c in enumerate(convs)
-    ]
+    return scripted_episodes("myopic", num_personas=3, num_turns=3)
 
 
 def test_moments_match_torch_covariance_and_mean():

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import scripted_episodes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppg.config import LearnerConfig, load_config
-from ppg.env.conversation import run_conversations
-from ppg.env.corpus import scripted_agent
-from ppg.env.judges import RuleJudge
-from ppg.env.partners import ScriptedPartner
-from ppg.env.personas import load_personas
-from ppg.env.problems import make_problem
-from ppg.episode import collate, episode_from_conversation
+from ppg.episode import collate
 from ppg.learner.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -44,21 +39,7 @@ def model_path():
 
 @pytest.fixture(scope="module")
 def episodes(model_path):
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    problem = make_problem(load_config(None, ["problem.name=myopic"]).problem)
-    personas = load_personas()[:4]
-    convs = run_conversations(
-        problem,
-        [p for p in personas for _ in range(2)],
-        list(range(8)),
-        scripted_agent(1),
-        ScriptedPartner(),
-        RuleJudge(),
-    )
-    return [
-        episode_from_conversation(c, tokenizer, "myopic", group_id=i // 2, policy_version=0)
-        for i, c in enumerate(convs)
-    ]
+    return scripted_episodes("myopic", num_personas=4)
 
 
 def gradient_after_step(model_path, episodes, advantages, indices, world_size, reduction):
