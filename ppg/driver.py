@@ -28,10 +28,18 @@ def connect_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        # address="local": always a new cluster, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
 def new_run_dir(config: PPGConfig) -> Path:
+    # the entrypoint of `ray job submit` gets RAY_JOB_CONFIG_JSON_ENV_VAR (its runtime env)
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and not Path(config.run.output_dir).is_absolute():
+        log.warning(
+            "run.output_dir=%s is relative inside a Ray job: it lands in the job's temporary copy of "
+            "--working-dir, which Ray deletes afterwards; set an absolute (shared) path",
+            config.run.output_dir,
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir).resolve() / f"{config.run.name}-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=False)
