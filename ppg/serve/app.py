@@ -40,6 +40,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ppg.serve.schemas import (
+    SEED_MAX,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -92,6 +93,18 @@ def _param(loc: tuple) -> str | None:
 app = FastAPI(title="ppg policy (OpenAI-compatible)")
 
 
+def _documented(*statuses: int) -> dict:
+    """OpenAPI entries for the error answers a route gives, so the spec (``/openapi.json``) tells
+    clients and schema-based fuzzers the truth."""
+    what = {
+        400: "a client mistake; `param` names the field",
+        401: "missing or wrong bearer token",
+        404: "unknown model",
+        503: "this replica's engine failed; Serve replaces it",
+    }
+    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
+
+
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError):
     return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
@@ -105,9 +118,17 @@ async def _validation_error(request: Request, exc: RequestValidationError):
             400, f"malformed JSON body: {first.get('msg')}", "invalid_request_error", None, "json_invalid"
         )
     param = _param(tuple(first.get("loc", ())))
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type"):
-        return _error(400, "the body must be a JSON object", "invalid_request_error", None, "invalid_body")
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+        # no body, `null`, a list, or a body sent without content-type: application/json
+        return _error(
+            400,
+            "the body must be a JSON object with at least 'messages' (content-type: application/json)",
+            "invalid_request_error",
+            None,
+            "invalid_body",
+        )
+    message = str(first.get("msg")).removeprefix("Value error, ")
+    message = f"{param}: {message}" if param else message
     if first.get("type") == "literal_error" and param and param.endswith(".role"):
         message += " (roles: system, user, assistant; give a persona as the system message)"
     return _error(400, message, "invalid_request_error", param, first.get("type"))
@@ -196,6 +217,18 @@ class JobResult:
     samples: list[Sample]
 
 
+def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a policy folder's safetensors (headers only)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
+                shapes[key] = tuple(weights.get_slice(key).get_shape())
+    return shapes
+
+
 def _usage(prompt_tokens: int, samples: list[Sample]) -> Usage:
     completion = sum(len(s.token_ids) for s in samples)
     return Usage(
@@ -227,12 +260,14 @@ class PolicyServer:
             ),
         )
         self.tokenizer = self.engine.tokenizer
+        self._shapes = _tensor_shapes(self.policy_dir)  # what a reload must match
         self._api_key = s.api_key()
         self._lock = ReadWriteLock()
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="ppg-engine"
         )  # vLLM is not thread-safe
         self._in_flight = 0
+        self._engine_failure: str | None = None  # set when a generate call raised: see _generate_batch
         self._created = int(time.time())
         self._generate_batch.set_max_batch_size(s.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
@@ -248,8 +283,9 @@ class PolicyServer:
         logger.info("replica %s serves %s as version %d", self.replica, self.policy_dir, self.version)
 
     # ---- HTTP ----------------------------------------------------------------------------------
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}, **_documented(503)})
     async def healthz(self) -> JSONResponse:
+        self._check_engine()
         await self._ensure_poller()
         body = Health(
             policy_version=self.version,
@@ -259,7 +295,7 @@ class PolicyServer:
         )
         return JSONResponse(body.model_dump(), headers={VERSION_HEADER: str(self.version)})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **_documented(401)})
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         await self._ensure_poller()
@@ -271,9 +307,17 @@ class PolicyServer:
         )
         return JSONResponse(ModelList(data=[card]).model_dump(), headers={VERSION_HEADER: str(self.version)})
 
-    @app.post("/v1/chat/completions")
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        responses={
+            200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
+            **_documented(400, 401, 404, 503),
+        },
+    )
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._authorize(request)
+        self._check_engine()
         await self._ensure_poller()
         job, prompt_tokens = self._job(body)
         self._in_flight += 1
@@ -308,6 +352,7 @@ class PolicyServer:
             from ppg.learner.checkpoint import validate_checkpoint
 
             weights = str(validate_checkpoint(Path(weights), require_trainer_state=False))
+        self._check_fits(version, weights)
         async with self._lock.write():
             if version > self.version:
                 start = time.perf_counter()
@@ -328,6 +373,26 @@ class PolicyServer:
     async def policy_version(self) -> int:
         await self._ensure_poller()
         return self.version
+
+    def _check_fits(self, version: int, weights: Mapping | str) -> None:
+        """Refuse weights of another model before the engine sees them: vLLM copies tensors one by
+        one, so a mismatch found halfway would leave a mix of old and new weights serving under the
+        old version number."""
+        incoming = (
+            _tensor_shapes(Path(weights))
+            if isinstance(weights, str)
+            else {k: tuple(v.shape) for k, v in weights.items()}
+        )
+        wrong = [
+            f"{k} {shape} (served: {self._shapes[k]})"
+            for k, shape in incoming.items()
+            if k in self._shapes and shape != self._shapes[k]
+        ]
+        if wrong or not set(incoming) & set(self._shapes):
+            detail = f"wrong shapes {wrong[:3]}" if wrong else "no tensor name matches the served model"
+            raise ValueError(
+                f"version {version} does not fit the served model ({detail}); nothing was changed"
+            )
 
     def model_id(self, version: int | None = None) -> str:
         return f"{self.settings.model_name}-v{self.version if version is None else version}"
@@ -361,6 +426,10 @@ class PolicyServer:
             )
         if body.n > s.max_n:
             raise APIError(400, f"n={body.n} is over this server's limit of {s.max_n}", "n", "n_too_large")
+        if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
+            raise APIError(
+                400, f"seed + n - 1 must be at most {SEED_MAX} (choice i samples with seed + i)", "seed"
+            )
         max_tokens, field = body.requested_max_tokens()
         if max_tokens is not None and max_tokens > s.max_tokens_limit:
             raise APIError(
@@ -404,10 +473,19 @@ class PolicyServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, jobs: list[Job]) -> list[JobResult]:
+        """One engine call for the fused requests. An exception from inside vLLM's step leaves its
+        scheduler holding requests the model runner never took (later calls then hang), so the
+        replica stops taking work: new requests get 503 at once, and ``check_health`` fails so that
+        Serve replaces the replica (the new one catches up with the registry's version)."""
         async with self._lock.read():
             version = self.version
             loop = asyncio.get_running_loop()
-            samples = await loop.run_in_executor(self._executor, self._generate_sync, jobs)
+            try:
+                samples = await loop.run_in_executor(self._executor, self._generate_sync, jobs)
+            except Exception as e:
+                self._engine_failure = f"{type(e).__name__}: {e}"
+                logger.exception("replica %s: the engine failed; it takes no more requests", self.replica)
+                raise self._engine_failed() from e
         return [JobResult(version, s) for s in samples]
 
     def _generate_sync(self, jobs: list[Job]) -> list[list[Sample]]:
@@ -506,8 +584,24 @@ class PolicyServer:
             except Exception:  # a failed poll must not kill the replica; the next one retries
                 logger.exception("replica %s: polling the version registry failed", self.replica)
 
+    def _check_engine(self) -> None:
+        if self._engine_failure is not None:
+            raise self._engine_failed()
+
+    @staticmethod
+    def _engine_failed() -> APIError:
+        return APIError(
+            503,
+            "this replica's engine failed and is being replaced; retry shortly",
+            type="server_error",
+            code="engine_failed",
+        )
+
     async def check_health(self) -> None:
-        """Serve calls this periodically: it also starts the poller on a replica no request reached."""
+        """Serve calls this periodically: it also starts the poller on a replica no request reached,
+        and reports a failed engine so that Serve replaces the replica."""
+        if self._engine_failure is not None:
+            raise RuntimeError(f"replica {self.replica}: engine failed ({self._engine_failure})")
         await self._ensure_poller()
 
 

@@ -1,8 +1,10 @@
 """OpenAI-compatible request and response shapes for ``ppg serve`` (the subset the policy supports).
 
-Requests forbid unknown roles and validate bounds that do not depend on the deployment (types, ranges);
-bounds that do (``max_tokens``, ``n``, context length) are checked by the app against ``ServeSettings``
-so the error can name the configured limit. Responses carry ``system_fingerprint = "ppg-v<version>"``:
+Requests forbid unknown roles and validate bounds that do not depend on the deployment (types, ranges,
+text that is valid Unicode, a seed the engine's 64-bit generator accepts); bounds that do (``max_tokens``,
+``n``, context length) are checked by the app against ``ServeSettings`` so the error can name the
+configured limit. Whatever reaches the engine must not be able to fail there: an engine error fails
+every request fused into the same batch, so a client mistake has to stop here. Responses carry ``system_fingerprint = "ppg-v<version>"``:
 the policy version that produced them.
 """
 
@@ -14,18 +16,42 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+SEED_MAX = 2**63 - 1
+"""vLLM seeds a ``torch.Generator`` per request (a signed 64-bit integer; choice ``i`` of ``n`` uses
+``seed + i``). A larger seed fails inside the engine step, not at submission."""
+
+
+def _unicode(text: str, field: str) -> str:
+    """Refuse lone UTF-16 surrogates (``"\\ud800"`` is valid JSON): the tokenizer cannot encode them and
+    would fail with a message that names neither the field nor the cause."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{field} must be valid Unicode text; position {e.start} holds a lone surrogate "
+            f"({text[e.start]!r}): send the character as a UTF-16 surrogate pair or as UTF-8"
+        ) from None
+    return text
+
 
 class ChatMessage(BaseModel):
     """One message. A persona is given as the ``system`` message."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # "1" is not a number, [..] not a string
 
     role: Literal["system", "user", "assistant"]
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def _content_text(cls, v: str) -> str:
+        return _unicode(v, "content")
+
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, ...)
+    # OpenAI clients send fields we do not use (user, ...); strict: the types the schema documents,
+    # so "max_tokens": "5" or "stream": "yes" is a 400 naming the field, not a silent coercion
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(default="ppg-policy", min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -35,7 +61,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=SEED_MAX, description="a signed 64-bit integer (seed + n - 1 too)"
+    )
     stream: bool = False
 
     @field_validator("stop")
@@ -46,7 +74,7 @@ class ChatCompletionRequest(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes at most 4 non-empty strings")
-        return stops
+        return [_unicode(s, "stop") for s in stops]
 
     def requested_max_tokens(self) -> tuple[int | None, str]:
         """(value, field name): ``max_completion_tokens`` wins when both are given."""
