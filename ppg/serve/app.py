@@ -75,6 +75,9 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
+    def __reduce__(self):  # crosses process lines intact (a DeploymentHandle caller gets it back)
+        return APIError, (self.status, self.message, self.param, self.code, self.type)
+
 
 def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
     body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
@@ -629,6 +632,8 @@ def deployment(settings: ServeSettings, deploy_id: str | None = None):
         },
         # a reload or a batch of long replies can take a while on CPU
         "graceful_shutdown_timeout_s": 30,
+        # check_health fails once the engine failed: find out within seconds (Serve's default is 10 s)
+        "health_check_period_s": 5,
     }
     if settings.autoscaling is not None:
         options["autoscaling_config"] = settings.autoscaling.model_dump()
