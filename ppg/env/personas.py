@@ -117,7 +117,10 @@ def _load_cached(path: Path, mtime_ns: int) -> tuple[Persona, ...]:  # an edited
 
 
 def _read_records(path: Path) -> list[tuple[str, object]]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PersonaError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), start=1):

@@ -7,13 +7,19 @@ Layout of ``RUN_DIR/checkpoints/iter_000010/``::
     state.json          iteration, policy version, data cursor
     config.yaml         the resolved config of the run
 
-Written into a hidden temporary folder and renamed into place, so a crash mid-write leaves the
-previous checkpoint as the latest complete one. Trainer state loads with ``weights_only=True``.
+Written into a hidden temporary folder, flushed to disk, and renamed into place, so a crash (or a
+power cut) mid-write leaves the previous checkpoint as the latest complete one; folders leave the
+same way they come (renamed to a hidden name, then deleted), so a half-deleted checkpoint is never
+visible. ``latest_checkpoint`` still validates and skips a damaged one (disk corruption, a copy
+gone wrong) with a warning: a run resumes from the newest checkpoint that is intact.
+Trainer state loads with ``weights_only=True``; weights only from safetensors, checked against the
+model's config (tensor names and shapes) before any engine sees them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +36,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -62,17 +71,57 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     (tmp / CONFIG).write_text(config.to_yaml())
-    if final.exists():  # re-saving the same iteration (e.g. the final one): replace it whole
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+    if final.exists():  # re-saving the same iteration (e.g. the final one): swap it whole
+        old = root / f".iter_{iteration:06d}.old-{os.getpid()}"
+        os.rename(final, old)  # a crash right here is repaired by _restore_swapped
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(root)
     return final
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        else:
+            _fsync_dir(path)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    root = checkpoint_dir(run_dir)
+    _restore_swapped(root)
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in checkpoint_dir(run_dir).glob(".iter_*.tmp-*"):  # leftovers of interrupted writes
+        trash = root / f".{old.name}.del-{os.getpid()}"
+        os.rename(old, trash)  # gone at once: a kill during rmtree leaves no half checkpoint behind
+        shutil.rmtree(trash, ignore_errors=True)
+    leftovers = [*root.glob(".iter_*.tmp-*"), *root.glob(".iter_*.old-*"), *root.glob(".iter_*.del-*")]
+    for stale in leftovers:  # of interrupted writes and deletions
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _restore_swapped(root: Path) -> None:
+    """A crash between the two renames of a re-save leaves ``.iter_N.old-PID`` and no ``iter_N``:
+    put the old (complete) folder back."""
+    if not root.is_dir():
+        return
+    for old in sorted(root.glob(".iter_*.old-*")):
+        final = root / old.name[1:].split(".old-")[0]
+        if not final.exists():
+            os.rename(old, final)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -81,13 +130,27 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that passes ``validate_checkpoint``; newer damaged ones are skipped with
+    a warning (a resumed run then redoes their iterations, exactly)."""
+    _restore_swapped(checkpoint_dir(run_dir))
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
         raise CheckpointError(
             f"{run_dir} has no checkpoints (expected {checkpoint_dir(run_dir)}/iter_*); "
             "pass the folder of a run that saved at least one (run.checkpoint_every)"
         )
-    return checkpoints[-1]
+    problems = []
+    for candidate in reversed(checkpoints):
+        try:
+            validate_checkpoint(candidate)
+        except CheckpointError as e:
+            log.warning("skipping damaged checkpoint: %s", e)
+            problems.append(str(e))
+            continue
+        return candidate
+    raise CheckpointError(
+        f"{run_dir}: none of its {len(checkpoints)} checkpoints is usable: " + "; ".join(problems)
+    )
 
 
 def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
@@ -128,7 +191,50 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
             f"checkpoint {path}: tokenizer has {tokenizer_size} tokens but the model's embedding has {vocab_rows} "
             "rows; the tokenizer belongs to another model (copy the matching tokenizer files into the folder)"
         )
+    _check_tensors(path, policy)
     return policy
+
+
+def _check_tensors(path: Path, policy: Path) -> None:
+    """The weights' names and shapes must be the ones config.json describes. Without this check a
+    tensor of the wrong shape fails deep inside vLLM or transformers (or, for a missing one, is
+    silently initialised at random by transformers). The model is built on the meta device: no
+    memory, no code from the folder (``trust_remote_code`` stays off; such models are not checked)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(policy, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        if "trust_remote_code" in str(e):
+            return  # custom code: its own loader is the only judge of its weights
+        raise CheckpointError(
+            f"checkpoint {path}: config.json does not describe a causal language model ({e})"
+        ) from None
+    params = model.state_dict(keep_vars=True)
+    expected = {k: tuple(v.shape) for k, v in params.items()}
+    found: dict[str, tuple] = {}
+    for f in policy.glob("*.safetensors"):
+        with safe_open(f, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
+                found[key] = tuple(weights.get_slice(key).get_shape())
+    wrong = [
+        f"{k} {found[k]} (config wants {expected[k]})"
+        for k in found
+        if k in expected and found[k] != expected[k]
+    ]
+    present = {id(params[k]) for k in found if k in params}  # tied weights share one tensor
+    missing = [k for k in expected if k not in found and id(params[k]) not in present]
+    if wrong or missing:
+        detail = (f"wrong shapes: {wrong[:3]}" if wrong else "") + (
+            f"{'; ' if wrong else ''}missing tensors: {missing[:3]}" if missing else ""
+        )
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not match config.json ({detail}); the weights and the "
+            "config come from different models: save them together with save_pretrained()"
+        )
 
 
 def _tokenizer_size(path: Path) -> int:
