@@ -378,9 +378,9 @@ class PolicyServer:
         return self.version
 
     def _check_fits(self, version: int, weights: Mapping | str) -> None:
-        """Refuse weights of another model before the engine sees them: vLLM copies tensors one by
-        one, so a mismatch found halfway would leave a mix of old and new weights serving under the
-        old version number."""
+        """Refuse weights of another model before the engine sees them: vLLM 0.32 reloads through
+        meta tensors, so a mismatch found halfway leaves the engine unable to generate at all
+        (measured: every later request fails), i.e. one bad reload would take the replica down."""
         incoming = (
             _tensor_shapes(Path(weights))
             if isinstance(weights, str)
