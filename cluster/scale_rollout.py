@@ -13,10 +13,10 @@ port-forward), or as a driver on a cluster node:
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python cluster/scale_rollout.py 4
     RAY_ADDRESS=127.0.0.1:6379 python cluster/scale_rollout.py 4
 
-A resize the cluster cannot hold would hang the run: a new worker waits for a free ``ppg_rollout``
-slot, and the pool's next weight update waits for that worker. So the script refuses when the free
-resources do not cover the new workers, unless ``--allow-pending`` says an autoscaler will add nodes
-(the run then pauses until they are up).
+A resize the cluster cannot hold would leave the new workers pending: training goes on with the
+workers it has (the pool activates a new one when it is placed), but this script's call would wait.
+So the script refuses when the free resources do not cover the new workers, unless
+``--allow-pending`` says an autoscaler will add nodes.
 """
 
 from __future__ import annotations
@@ -102,10 +102,10 @@ def scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending:
             lacking = ", ".join(f"{k}: needs {need:g}, {free:g} free" for k, (need, free) in short.items())
             raise ScaleError(
                 f"{extra} more rollout worker(s) do not fit ({lacking}). Add rollout nodes (more "
-                "ppg_rollout), or pass --allow-pending on an autoscaling cluster (training pauses "
-                "until the new nodes are up)."
+                "ppg_rollout), or pass --allow-pending on an autoscaling cluster (the new workers join "
+                "training when the new nodes are up)."
             )
-    ray.get(pool.resize.remote(num_workers))
+    ray.get(pool.resize.remote(num_workers, wait=not allow_pending))
     after = ray.get(pool.versions.remote())
     versions = sorted(set(after.values()))
     print(

@@ -148,7 +148,10 @@ def test_a_dead_worker_is_replaced_and_its_request_redone_once(pool):
     replaced_before = pool.replaced
     results = pool.collect(requests)
     killer.join()
-    assert pool.replaced == replaced_before + 1 and victim not in pool.workers and len(pool.workers) == 2
+    assert pool.replaced == replaced_before + 1 and victim not in pool.workers
+    assert len(pool.workers) + len(pool._starting) == 2, "a replacement is running or starting"
+    pool.resize(2)  # waits for a replacement that is still starting
+    assert len(pool.workers) == 2
     assert [r.request_id for r in results] == [r.request_id for r in requests]
     episodes = [(e.persona_id, e.group_id) for r in results for e in r.episodes]
     wanted = [(p, g) for r in requests for p, g in zip(r.persona_ids, r.group_ids, strict=True)]
@@ -180,3 +183,19 @@ def test_resize_while_collecting(pool):
     assert [r.request_id for r in results] == [r.request_id for r in requests]
     assert len(pool.workers) == 3 and time.perf_counter() - start < 300
     pool.resize(2)
+
+
+@pytest.mark.slow
+def test_workers_that_cannot_be_placed_do_not_stall_the_pool(pool, ray_cluster):
+    """A resize beyond the cluster's CPUs leaves the extra workers pending; collecting and weight
+    updates go on with the placed ones, and shrinking back drops the pending ones."""
+    free = int(ray_cluster.available_resources().get("CPU", 0))
+    pool.resize(len(pool.workers) + free + 2, wait=False)  # at least 2 can never be placed
+    assert pool._starting, "the extra workers should be pending"
+    requests = plan_requests(load_personas(), 16, 4, 4, seed=5, first_request_id=400)
+    results = pool.collect(requests)
+    assert [r.request_id for r in results] == [r.request_id for r in requests]
+    acks = pool.update_weights(pool.policy_version + 1, load_state_dict(pool.model_path))
+    assert set(acks.values()) == {pool.policy_version}
+    pool.resize(2)
+    assert len(pool.workers) == 2 and not pool._starting

@@ -41,31 +41,46 @@ class RolloutPool:
         self.policy_version = 0
         self._weights: Any = None  # ObjectRef of the latest state dict, or a checkpoint path
         self._next_index = 0
+        self._starting: dict[str, tuple[Any, Any]] = {}  # launched, not ready yet: name -> (actor, ready ref)
         self._lock = threading.RLock()
         self._target = num_workers or config.rollout.num_workers
         self.replaced = 0  # workers replaced after dying (for metrics and tests)
-        self._reconcile()
+        self._reconcile(wait=True)
 
     # --- size ---------------------------------------------------------------------------------
 
-    def resize(self, num_workers: int) -> None:
-        """Grow or shrink to ``num_workers``; safe while ``collect`` runs (busy workers finish first)."""
+    def resize(self, num_workers: int, wait: bool = True) -> None:
+        """Grow or shrink to ``num_workers``; safe while ``collect`` runs (busy workers finish first).
+        ``wait``: return once the new workers are up. Either way the pool's lock is never held while
+        a worker waits for resources, so training goes on with the workers it has."""
         if num_workers < 1:
             raise ValueError(f"rollout.num_workers must be >= 1, got {num_workers}")
         with self._lock:
             self._target = num_workers
-        self._reconcile(busy=set())
+        self._reconcile(busy=set(), wait=wait)
 
-    def _reconcile(self, busy: set[str] | None = None) -> None:
+    def _reconcile(self, busy: set[str] | None = None, wait: bool = False) -> None:
+        """Launch or stop workers toward the target; activate the launched ones that are ready.
+        ``wait``: block (without the lock) until every launched worker is ready."""
         busy = busy if busy is not None else getattr(self, "_busy", set())
         with self._lock:
-            while len(self.workers) < self._target:
-                self._start_worker()
+            while len(self.workers) + len(self._starting) < self._target:
+                self._launch_worker()
+            while len(self.workers) + len(self._starting) > self._target and self._starting:
+                name, (actor, _) = self._starting.popitem()  # not started yet: the cheapest to drop
+                self._ray.kill(actor)
             idle = [n for n in self.workers if n not in busy]
-            while len(self.workers) > self._target and idle:
+            while len(self.workers) + len(self._starting) > self._target and idle:
                 self._stop_worker(idle.pop())
+            starting = dict(self._starting)
+        if not starting:
+            return
+        refs = {ref: name for name, (_, ref) in starting.items()}
+        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=None if wait else 0)
+        for ref in ready:
+            self._activate(refs[ref], ref)
 
-    def _start_worker(self) -> str:
+    def _launch_worker(self) -> None:
         r = self.config.rollout
         name = f"{self.name_prefix}-{self._next_index}"
         self._next_index += 1
@@ -85,12 +100,21 @@ class RolloutPool:
             )
             .remote(self.config.model_dump(mode="json"), self.model_path, name, r.engine)
         )
-        self._ray.get(actor.ready.remote())
-        if self._weights is not None:  # current weights before any work
-            self._ray.get(actor.update_weights.remote(self.policy_version, self._weights))
-        self.workers[name] = actor
+        self._starting[name] = (actor, actor.ready.remote())
+
+    def _activate(self, name: str, ready_ref) -> None:
+        """A launched worker is ready: give it the current weights, then work. A worker that failed
+        to start raises here (a bad model path or config fails loudly, not in a retry loop)."""
+        with self._lock:
+            entry = self._starting.pop(name, None)
+            if entry is None:  # dropped by a shrink meanwhile
+                return
+            actor = entry[0]
+            self._ray.get(ready_ref)
+            if self._weights is not None:  # current weights before any work
+                self._ray.get(actor.update_weights.remote(self.policy_version, self._weights))
+            self.workers[name] = actor
         log.info("rollout worker %s started (policy version %d)", name, self.policy_version)
-        return name
 
     def _stop_worker(self, name: str) -> None:
         actor = self.workers.pop(name)
@@ -118,7 +142,7 @@ class RolloutPool:
             payload = config.model_dump(mode="json")
             acks = self._ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
             self._target = config.rollout.num_workers
-        self._reconcile(busy=set())
+        self._reconcile(busy=set(), wait=True)
         return dict(zip(names, acks, strict=True))
 
     def versions(self) -> dict[str, int]:
@@ -150,6 +174,9 @@ class RolloutPool:
                     request = pending.popleft()
                     in_flight[self.workers[name].rollout.remote(request)] = (name, request)
                     self._busy.add(name)
+                if not in_flight:  # every worker died: wait for a replacement to come up
+                    self._reconcile(self._busy, wait=True)
+                    continue
                 done, _ = self._ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in done:
                     name, request = in_flight.pop(ref)
@@ -179,6 +206,10 @@ class RolloutPool:
 
     def shutdown(self) -> None:
         with self._lock:
+            self._target = 0
+            for actor, _ in self._starting.values():
+                self._ray.kill(actor)
+            self._starting.clear()
             for name in list(self.workers):
                 self._stop_worker(name)
 
