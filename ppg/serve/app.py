@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ppg.serve.errors import APIError, documented, install_error_handlers
 from ppg.serve.schemas import (
     SEED_MAX,
     AssistantMessage,
@@ -48,8 +47,6 @@ from ppg.serve.schemas import (
     Choice,
     ChunkChoice,
     Delta,
-    ErrorDetail,
-    ErrorResponse,
     Health,
     ModelCard,
     ModelList,
@@ -61,92 +58,8 @@ logger = logging.getLogger("ppg.serve")
 VERSION_HEADER = "x-ppg-policy-version"
 
 
-class APIError(Exception):
-    """A request the server refuses; becomes an OpenAI-style error response."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-    def __reduce__(self):  # crosses process lines intact (a DeploymentHandle caller gets it back)
-        return APIError, (self.status, self.message, self.param, self.code, self.type)
-
-
-def _error(status: int, message: str, type_: str, param: str | None = None, code: str | None = None):
-    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def _param(loc: tuple) -> str | None:
-    """('body', 'messages', 0, 'role') -> 'messages[0].role'."""
-    out = ""
-    for part in loc[1:] if loc and loc[0] == "body" else loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or None
-
-
 app = FastAPI(title="ppg policy (OpenAI-compatible)")
-
-
-def _documented(*statuses: int) -> dict:
-    """OpenAPI entries for the error answers a route gives, so the spec (``/openapi.json``) tells
-    clients and schema-based fuzzers the truth."""
-    what = {
-        400: "a client mistake; `param` names the field",
-        401: "missing or wrong bearer token",
-        404: "unknown model",
-        503: "this replica's engine failed; Serve replaces it",
-    }
-    return {s: {"model": ErrorResponse, "description": what[s]} for s in statuses}
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError):
-    return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return _error(
-            400, f"malformed JSON body: {first.get('msg')}", "invalid_request_error", None, "json_invalid"
-        )
-    param = _param(tuple(first.get("loc", ())))
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
-        # no body, `null`, a list, or a body sent without content-type: application/json
-        return _error(
-            400,
-            "the body must be a JSON object with at least 'messages' (content-type: application/json)",
-            "invalid_request_error",
-            None,
-            "invalid_body",
-        )
-    message = str(first.get("msg")).removeprefix("Value error, ")
-    message = f"{param}: {message}" if param else message
-    if first.get("type") == "literal_error" and param and param.endswith(".role"):
-        message += " (roles: system, user, assistant; give a persona as the system message)"
-    return _error(400, message, "invalid_request_error", param, first.get("type"))
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", kind)
-
-
-@app.exception_handler(Exception)
-async def _server_error(request: Request, exc: Exception):
-    logger.exception("unhandled error on %s", request.url.path)
-    return _error(500, f"internal error ({type(exc).__name__}); see the replica's log", "server_error")
+install_error_handlers(app)
 
 
 @app.middleware("http")
@@ -286,7 +199,7 @@ class PolicyServer:
         logger.info("replica %s serves %s as version %d", self.replica, self.policy_dir, self.version)
 
     # ---- HTTP ----------------------------------------------------------------------------------
-    @app.get("/healthz", response_model=None, responses={200: {"model": Health}, **_documented(503)})
+    @app.get("/healthz", response_model=None, responses={200: {"model": Health}, **documented(503)})
     async def healthz(self) -> JSONResponse:
         self._check_engine()
         await self._ensure_poller()
@@ -298,7 +211,7 @@ class PolicyServer:
         )
         return JSONResponse(body.model_dump(), headers={VERSION_HEADER: str(self.version)})
 
-    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **_documented(401)})
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **documented(401)})
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         await self._ensure_poller()
@@ -315,7 +228,7 @@ class PolicyServer:
         response_model=None,
         responses={
             200: {"model": ChatCompletion, "content": {"text/event-stream": {}}},
-            **_documented(400, 401, 404, 503),
+            **documented(400, 401, 404, 503),
         },
     )
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
