@@ -226,6 +226,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -82,6 +82,7 @@ def train(
         from ppg.learner.checkpoint import load_state
 
         version = load_state(resume_from)[0]["policy_version"]
+    chat_llm = start_shared_llm(config)  # the LLM partner/judge the rollout workers look up by name
     own_pool = pool is None
     if own_pool:
         pool = start_pool(config, policy_path)
@@ -101,6 +102,8 @@ def train(
         if own_pool:
             ray.get(pool.shutdown.remote())
             ray.kill(pool)
+        if chat_llm is not None:
+            ray.kill(chat_llm)
         if service is not None and config.serve.after_training == "stop":
             service.close()
     if service is not None and config.serve.after_training == "keep":
@@ -113,6 +116,35 @@ def train(
     if read_metrics(run_dir):
         plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
     return run_dir
+
+
+def start_shared_llm(config: PPGConfig):
+    """With ``problem.partner`` or ``problem.judge`` = llm: start (or reuse) the named vLLM actor that
+    rollout workers share, and wait for its engine. None when the config needs no LLM."""
+    if "llm" not in (config.problem.partner, config.problem.judge):
+        return None
+    import ray
+
+    from ppg.env.llm import start_chat_llm_actor
+    from ppg.models import resolve_model
+    from ppg.rollout.worker import CHAT_LLM_ACTOR
+
+    try:
+        ray.get_actor(CHAT_LLM_ACTOR)
+        return None  # someone else's (e.g. a test's or an experiment's): not ours to stop
+    except ValueError:
+        pass
+    path = resolve_model(config.problem.partner_model or config.model.name_or_path)
+    actor = start_chat_llm_actor(
+        path,
+        name=CHAT_LLM_ACTOR,
+        num_cpus=1,
+        num_gpus=config.rollout.gpus_per_worker,
+        kv_cache_gib=max(1, round(config.rollout.kv_cache_gib)),
+        trust_remote_code=config.model.trust_remote_code,
+    )
+    ray.get(actor.ready.remote())
+    return actor
 
 
 def start_pool(config: PPGConfig, policy_path: str):
@@ -138,6 +170,9 @@ def fit(
 
     from ppg.learner.loop import train_loop_per_worker
 
+    # Ray Train's controller collects each ray.train.report on a poll (2 s by default), and a worker's
+    # next report waits for it: at ppg's ~0.5 s iterations that wait dominated (BENCHMARKS.md, TRL).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     learner = config.learner
     trainer = TorchTrainer(
         train_loop_per_worker,

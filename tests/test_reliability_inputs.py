@@ -189,9 +189,6 @@ def test_any_yaml_file_is_a_valid_config_or_a_config_error_naming_the_field(tmp_
         assert str(path) in str(e) or "invalid" in str(e)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="ppg/config.py read_yaml: a non-UTF-8 file raises UnicodeDecodeError (reported)"
-)
 def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
