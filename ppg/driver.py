@@ -82,7 +82,7 @@ def train(
         from ppg.learner.checkpoint import load_state
 
         version = load_state(resume_from)[0]["policy_version"]
-    chat_llm = start_shared_llm(config)  # the LLM partner/judge the rollout workers look up by name
+    chat_llm = start_workers_chat_llm(config)  # the LLM partner/judge the rollout workers look up by name
     own_pool = pool is None
     if own_pool:
         pool = start_pool(config, policy_path)
@@ -118,7 +118,7 @@ def train(
     return run_dir
 
 
-def start_shared_llm(config: PPGConfig):
+def start_workers_chat_llm(config: PPGConfig):
     """With ``problem.partner`` or ``problem.judge`` = llm: start (or reuse) the named vLLM actor that
     rollout workers share, and wait for its engine. None when the config needs no LLM."""
     if "llm" not in (config.problem.partner, config.problem.judge):
