@@ -40,7 +40,7 @@ def scripted_episodes(
 
     from ppg.config import load_config
     from ppg.env.conversation import run_conversations
-    from ppg.env.corpus import scripted_agent
+    from ppg.env.scripted_agents import warm_start_agent
     from ppg.env.judges import RuleJudge
     from ppg.env.partners import ScriptedPartner
     from ppg.env.personas import load_personas
@@ -57,7 +57,7 @@ def scripted_episodes(
         problem,
         [p for p in personas for _ in range(per_persona)],
         list(range(n)),
-        scripted_agent(1),
+        warm_start_agent(1),
         ScriptedPartner(),
         RuleJudge(),
     )

@@ -7,7 +7,7 @@ import pytest
 
 from ppg.config import ProblemConfig
 from ppg.env.conversation import run_conversations
-from ppg.env.corpus import scripted_agent
+from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import REWARD_RANGE, EmbeddingJudge, JudgeRequest, LLMJudge, RuleJudge
 from ppg.env.partners import LLMPartner, ScriptedPartner
 from ppg.env.personas import load_personas
@@ -31,7 +31,7 @@ def llm_actor(ray_cluster):
 def test_llm_partner_plays_the_user_in_a_whole_conversation(llm_actor):
     problem = make_problem(ProblemConfig(name="elicitation"))
     conversations = run_conversations(
-        problem, PERSONAS, [0, 1, 2], scripted_agent(0), LLMPartner(llm_actor), RuleJudge()
+        problem, PERSONAS, [0, 1, 2], warm_start_agent(0), LLMPartner(llm_actor), RuleJudge()
     )
     for c in conversations:
         users = [m["content"] for m in c.messages if m["role"] == "user"]
@@ -105,7 +105,7 @@ def test_embedding_judge_prefers_liked_items_and_punishes_drift():
 def test_embedding_judge_runs_a_whole_problem():
     problem = make_problem(ProblemConfig(name="myopic"))
     conversations = run_conversations(
-        problem, PERSONAS, [0, 1, 2], scripted_agent(0), ScriptedPartner(), EmbeddingJudge()
+        problem, PERSONAS, [0, 1, 2], warm_start_agent(0), ScriptedPartner(), EmbeddingJudge()
     )
     assert all(len(c.rewards) == 4 for c in conversations)
 
@@ -120,7 +120,7 @@ def test_environment_from_config_wires_llm_partner_and_judge(llm_actor):
     assert isinstance(env.partner, LLMPartner) and isinstance(env.judge, LLMJudge)
     assert env.problem.segment_ids() == [0, 0, 1, 1, 2, 2]
     [conversation] = run_conversations(
-        env.problem, env.train_personas[:1], [0], scripted_agent(0), env.partner, env.judge
+        env.problem, env.train_personas[:1], [0], warm_start_agent(0), env.partner, env.judge
     )
     assert len(conversation.rewards) == 6
 

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from ppg.config import ProblemConfig
 from ppg.env.conversation import run_conversations
-from ppg.env.corpus import scripted_agent, sft_conversations
+from ppg.env.corpus import sft_conversations
+from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import RuleJudge
 from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
@@ -54,7 +55,7 @@ def test_episodes_from_a_rollout_carry_rewards_segments_and_version(tokenizer):
     problem = make_problem(ProblemConfig(name="segmented"))
     personas = load_personas()[:4]
     conversations = run_conversations(
-        problem, personas, [0, 1, 2, 3], scripted_agent(0), ScriptedPartner(), RuleJudge()
+        problem, personas, [0, 1, 2, 3], warm_start_agent(0), ScriptedPartner(), RuleJudge()
     )
     episodes = [
         episode_from_conversation(c, tokenizer, problem.name, group_id=i // 2, policy_version=7)

@@ -23,70 +23,84 @@ def align(response: str, persona: Persona = ALICE) -> float:
     return RuleJudge().score([JudgeRequest(persona, (), response, "alignment")])[0]
 
 
-def consistent(response: str, earlier: tuple[str, ...] = ()) -> float:
+MUSIC = ({"role": "user", "content": "i like rock. any music ideas?"},)
+ASKED = ({"role": "user", "content": "hi. any music ideas?"},)
+
+
+@pytest.mark.parametrize(
+    ("history", "response", "expected"),
+    [
+        (MUSIC, "hello. you should try jazz.", 0.5 + 0.2 + 0.15 + 0.15),  # liked, on topic, short, formal
+        (MUSIC, "you should try jazz.", 0.5 + 0.2 + 0.15),  # no register marker
+        (MUSIC, "hey! you should try jazz.", 0.5 + 0.2 + 0.15 - 0.15),  # casual marker, formal persona
+        (MUSIC, "hello. you should try techno.", -0.5 + 0.2 + 0.15 + 0.15),  # disliked
+        (MUSIC, "hello. you should try jazz or techno.", 0.0 + 0.2 + 0.15 + 0.15),  # one of each
+        (MUSIC, "hello. you should try blues.", 0.2 + 0.15 + 0.15),  # neither
+        (MUSIC, "hello. you should try jazz or pasta.", 0.5 / 2 + 0.15 + 0.15),  # half on topic: no topic term
+        (MUSIC, "hello. you should try jazz. " + "it is good " * 5, 0.5 + 0.2 - 0.15 + 0.15),  # too long
+        ((), "hello. you should try jazz.", 0.5 + 0.15 + 0.15),  # the user named no topic
+        # Dodges: every way of not recommending, and changing the subject.
+        (MUSIC, "", -0.5),
+        (MUSIC, "hello.", -0.5),
+        (MUSIC, "what about you?", -0.5),
+        (MUSIC, "hello. what music do you like?", -0.5),  # the user already said
+        (MUSIC, "you should try sushi.", -0.5),  # off topic
+        (MUSIC, "i live in oslo.", -0.5),
+        # A question the user has not answered yet is neutral: it pays through what it unlocks.
+        (ASKED, "what music do you like?", 0.0),
+        (ASKED, "what food do you like?", -0.5),  # not the topic being discussed
+    ],
+)
+def test_alignment_rules(history, response, expected):
+    verdict = RuleJudge().read(JudgeRequest(ALICE, history, response, "alignment"))
+    assert verdict.score == pytest.approx(expected)
+
+
+def consistent_after(question: str, response: str, earlier: tuple[tuple[str, str], ...] = ()) -> float:
     history = tuple(
-        m
-        for line in earlier
-        for m in ({"role": "user", "content": "q"}, {"role": "assistant", "content": line})
-    )
+        m for q, line in earlier for m in ({"role": "user", "content": q}, {"role": "assistant", "content": line})
+    ) + ({"role": "user", "content": question},)
     return RuleJudge().score([JudgeRequest(ALICE, history, response, "consistency")])[0]
+
+
+WHERE, JOB, MUSIC_Q, OPEN = "where do you live?", "what do you do for work?", "what music do you like?", "tell me about yourself."
+
+
+@pytest.mark.parametrize(
+    ("question", "response", "earlier", "expected"),
+    [
+        (WHERE, "i live in oslo.", (), 1.0),
+        (WHERE, "i live in lima.", (), -1.0),
+        (WHERE, "i live in oslo. i work as a baker.", (), 0.0),  # the answer, and a false extra claim
+        (WHERE, "i live in oslo. i have a cat.", (), 1.0),  # a true extra claim adds nothing
+        (MUSIC_Q, "i love jazz.", (), 1.0),
+        (MUSIC_Q, "i love blues.", (), -1.0),  # asked what it likes: anything but its own taste is wrong
+        (MUSIC_Q, "i hate techno.", (), -0.5),  # true, but not what was asked: a dodge
+        (OPEN, "i have a cat.", (), 1.0),
+        (OPEN, "i have no pets.", (), -1.0),
+        # Dodges: no claim about what was asked.
+        (WHERE, "", (), -0.5),
+        (WHERE, "that sounds nice.", (), -0.5),
+        (JOB, "hey! you should try folk.", (), -0.5),
+        (WHERE, "i have a cat.", (), -0.5),  # true, but dodging the question
+        (WHERE, "i love pizza.", (), -1.0),  # dodging with a false claim
+        # Line to line: the agent's own earlier answers.
+        (WHERE, "i live in oslo.", ((WHERE, "i live in lima."),), 0.0),  # true, but drifts from itself
+        (WHERE, "i live in lima.", ((WHERE, "i live in lima."),), -1.0),  # consistently false
+        (MUSIC_Q, "i love jazz.", ((OPEN, "i hate jazz."),), 0.0),
+    ],
+)
+def test_consistency_rules(question, response, earlier, expected):
+    assert consistent_after(question, response, earlier) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
     ("response", "expected"),
-    [
-        ("hello. you should try jazz.", 0.5 + 0.15 + 0.15),  # liked, short, formal marker
-        ("you should try jazz.", 0.5 + 0.15),  # no register marker
-        ("hey! you should try jazz.", 0.5 + 0.15 - 0.15),  # casual marker for a formal persona
-        ("hello. you should try techno.", -0.5 + 0.15 + 0.15),  # disliked
-        ("hello. you should try jazz or techno.", 0.0 + 0.15 + 0.15),  # one liked, one disliked
-        ("hello. you should try blues.", 0.15 + 0.15),  # neither
-        ("hello. what music do you like?", 0.15 + 0.15),  # a question recommends nothing
-        ("hello. you should try jazz. " + "it is good " * 5, 0.5 - 0.15 + 0.15),  # too long for 'terse'
-        ("", -0.15),  # empty reply: nothing right, too short to count as a reply
-    ],
+    [("i live in oslo.", 1.0), ("i live in lima.", -1.0), ("i live in oslo. i work as a baker.", 0.0), ("that sounds nice.", 0.0)],
 )
-def test_alignment_rules(response, expected):
-    assert align(response) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("response", "earlier", "expected"),
-    [
-        ("i live in oslo.", (), 1.0),
-        ("i live in lima.", (), -1.0),
-        ("i live in oslo. i work as a baker.", (), 0.0),
-        ("i have a cat. i am an only child.", (), 1.0),
-        ("i have no pets.", (), -1.0),
-        ("i love jazz.", (), 1.0),
-        ("i love pizza.", (), -1.0),
-        ("i hate pizza.", (), 1.0),
-        ("i love blues.", (), 0.0),  # not in the persona either way
-        ("that sounds nice.", (), 0.0),  # no claim, nothing to judge
-        ("i live in oslo.", ("i live in lima.",), 0.0),  # true now, but drifts from its own line
-        ("i live in lima.", ("i live in lima.",), -1.0),  # consistently false
-        ("i hate jazz.", ("i love jazz.",), -1.0),  # false and a drift: clipped at -1
-    ],
-)
-def test_consistency_rules(response, earlier, expected):
-    assert consistent(response, earlier) == pytest.approx(expected)
-
-
-@pytest.mark.parametrize(
-    ("user", "response", "topic"),
-    [
-        ("any music ideas?", "you should try jazz.", 1.0),
-        ("any music ideas?", "you should try sushi.", -1.0),  # off topic (and neither liked nor disliked)
-        ("any music ideas?", "you should try jazz or sushi.", 0.0),
-        ("hello.", "you should try jazz.", 0.0),  # the user named no topic
-    ],
-)
-def test_alignment_rewards_staying_on_the_asked_topic(user, response, topic):
-    history = ({"role": "user", "content": user},)
-    score = RuleJudge().score([JudgeRequest(ALICE, history, response, "alignment")])[0]
-    assert score == pytest.approx(
-        RuleJudge().score([JudgeRequest(ALICE, (), response, "alignment")])[0] + 0.2 * topic
-    )
+def test_consistency_without_a_question_judges_the_claims_made(response, expected):
+    history = ({"role": "user", "content": "nice to meet you."},)
+    assert RuleJudge().score([JudgeRequest(ALICE, history, response, "consistency")])[0] == pytest.approx(expected)
 
 
 def test_rule_scores_stay_in_the_documented_range():

@@ -7,7 +7,8 @@ import pytest
 from ppg.config import ProblemConfig
 from ppg.env import dialogue
 from ppg.env.conversation import run_conversations
-from ppg.env.corpus import scripted_agent, sft_conversations
+from ppg.env.corpus import sft_conversations
+from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import JudgeError, RuleJudge
 from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
@@ -66,58 +67,77 @@ def test_myopic_rewards_the_revealed_taste_now_and_only_now():
     ]
 
 
-def test_elicitation_rewards_a_recommendation_only_after_the_right_question():
+def test_elicitation_pays_a_question_through_the_recommendations_it_makes_possible():
     problem, _ = run("elicitation", lambda t, user: "")
     topic = problem.topics(7, 1)[0]
     liked = PERSONA.preferences[topic]
-    other = next(c for c in PERSONA.preferences if c != topic)
-    # Blind recommendation of the right item: nothing.
-    _, blind = run("elicitation", lambda t, user: dialogue.recommend(liked))
-    assert blind.rewards == [0.0, 0.0, 0.0, 0.0]
-    # Ask, then recommend: the question earns 0, the recommendations after it earn reward.
+    guess = next(i for i in dialogue.CATEGORIES[topic] if i not in (liked, PERSONA.dislikes[topic]))
+    # A blind guess on topic earns the on-topic and style terms only.
+    _, blind = run("elicitation", lambda t, user: dialogue.recommend(guess))
+    assert blind.rewards == pytest.approx([0.35] * 4)
+    # Ask, then recommend: the question earns 0 now, every recommendation after it the user's taste.
     _, asked = run(
         "elicitation", lambda t, user: dialogue.ask(topic) if t == 0 else dialogue.recommend(liked)
     )
     assert asked.messages[3]["content"].startswith(f"i like {liked}.")  # the user revealed it when asked
-    assert asked.rewards[0] == 0.0 and all(r > 0.5 for r in asked.rewards[1:])
-    # Asking about the wrong topic does not unlock this one.
+    assert asked.rewards == pytest.approx([0.0, 0.85, 0.85, 0.85])
+    assert sum(asked.rewards) > sum(blind.rewards) + 0.8  # planning beats greedy guessing
+    # Asking about another topic is changing the subject: not answered, and a dodge.
+    other = next(c for c in PERSONA.preferences if c != topic)
     _, wrong = run(
         "elicitation", lambda t, user: dialogue.ask(other) if t == 0 else dialogue.recommend(liked)
     )
-    assert wrong.rewards == [0.0, 0.0, 0.0, 0.0]
+    assert not wrong.messages[3]["content"].startswith("i like")
+    assert wrong.rewards[0] == -0.5
+    # Asking again once told is a dodge too.
+    _, again = run("elicitation", lambda t, user: dialogue.ask(topic))
+    assert again.rewards == [0.0, -0.5, -0.5, -0.5]
 
 
-def test_segmented_credit_stays_inside_each_segment():
-    problem, _ = run("segmented", lambda t, user: "")
-    assert problem.segment_ids() == [0, 0, 1, 1, 2, 2]
-    topics = problem.topics(7, 3)
+def test_segmented_segments_vary_per_conversation_and_credit_stays_inside_each():
+    problem = make_problem(ProblemConfig(name="segmented"))
+    layouts = {tuple(problem.segment_ids(seed)) for seed in range(40)}
+    assert len(layouts) > 10  # unequal segments, different per conversation
+    for seed in range(40):
+        starts = problem.boundaries(seed)
+        lengths = [b - a for a, b in zip((0, *starts), (*starts, problem.num_turns), strict=True)]
+        assert all(1 <= n <= 4 for n in lengths) and len(lengths) <= len(dialogue.CATEGORIES)
+    assert any(1 in [b - a for a, b in zip((0, *problem.boundaries(s)), (*problem.boundaries(s), 8))]
+               for s in range(40))
+
+    seed = 7
+    ids = problem.segment_ids(seed)
+    topics = problem.topics(seed, max(ids) + 1)
 
     def ask_then_recommend(t, user):
-        topic = topics[problem.segment_ids()[t]]
-        return (
-            dialogue.ask(topic)
-            if t == problem.segment_start(t)
-            else dialogue.recommend(PERSONA.preferences[topic])
-        )
+        topic = topics[ids[t]]
+        if t == problem.segment_start(t, seed):
+            return dialogue.ask(topic)
+        return dialogue.recommend(PERSONA.preferences[topic])
 
     _, conv = run("segmented", ask_then_recommend)
-    assert conv.segment_ids == [0, 0, 1, 1, 2, 2]
-    assert [r > 0.5 for r in conv.rewards] == [False, True] * 3
+    assert conv.segment_ids == ids
+    starts = {problem.segment_start(t, seed) for t in range(problem.num_turns)}
+    assert [r for t, r in enumerate(conv.rewards) if t in starts] == [0.0] * len(starts)
+    assert all(r == pytest.approx(0.85) for t, r in enumerate(conv.rewards) if t not in starts)
+    # The opening line announces the segment's topic and length.
+    first = problem.user_move(PERSONA, 0, seed).say
+    assert first.startswith(f"let us talk about {topics[0]} for ")
 
-    # An ask in segment 0 about segment 1's topic does not carry over the boundary.
-    def ask_early(t, user):
-        return dialogue.ask(topics[1]) if t == 1 else dialogue.recommend(PERSONA.preferences[topics[1]])
+    # A question about the next segment's topic is off topic now, and not answered there either.
+    def ask_ahead(t, user):
+        topic = topics[min(ids[t] + 1, max(ids))]
+        return dialogue.ask(topic) if t == 0 else dialogue.recommend(PERSONA.preferences[topic])
 
-    _, early = run("segmented", ask_early)
-    assert early.rewards[2] == 0.0 and early.rewards[3] == 0.0
+    _, ahead = run("segmented", ask_ahead)
+    assert ahead.rewards[0] == -0.5 and "i like" not in ahead.messages[3]["content"]
 
 
 def test_segment_boundaries_and_horizon_are_config_values():
     problem, conv = run("segmented", lambda t, user: "ok.", num_turns=5, segment_boundaries=[3])
-    assert problem.segment_ids() == [0, 0, 0, 1, 1] and len(conv.rewards) == 5
-    # With the problem's own horizon (6 turns), the problem checks the boundaries itself.
-    with pytest.raises(ProblemError, match="problem.segment_boundaries \\[6\\] must lie in 1..5"):
-        make_problem(ProblemConfig(name="segmented", segment_boundaries=[6]))
+    assert problem.segment_ids(0) == problem.segment_ids(1) == [0, 0, 0, 1, 1] and len(conv.rewards) == 5
+    with pytest.raises(ProblemError, match="problem.segment_boundaries \\[8\\] must lie in 1..7"):
+        make_problem(ProblemConfig(name="segmented", segment_boundaries=[8]))
 
 
 def test_reward_scale_multiplies_rewards():
@@ -128,38 +148,69 @@ def test_reward_scale_multiplies_rewards():
     assert ten.rewards == pytest.approx([10 * r for r in one.rewards])
 
 
-def test_persona_consistency_rewards_truth_and_punishes_drift():
-    problem = make_problem(ProblemConfig(name="persona_consistency"))
+def truthful(t, user):
+    question = dialogue.persona_question(user)
+    if question in dialogue.SLOT_QUESTIONS:
+        return dialogue.state_fact(question, PERSONA.facts[question])
+    category = question.removeprefix("taste:") if question != "open" else "music"
+    return dialogue.state_taste(PERSONA.preferences[category], True)
+
+
+@pytest.mark.parametrize("name", ["persona_chitchat", "persona_therapy", "persona_education", "persona_consistency"])
+def test_persona_domains_ask_about_the_persona_and_reward_truth(name):
+    problem = make_problem(ProblemConfig(name=name))
     assert problem.num_turns >= 10
     assert all(v in problem.system_prompt(PERSONA) for v in PERSONA.facts.values() if v != "none")
+    _, good = run(name, truthful)
+    questions = [dialogue.persona_question(m["content"]) for m in good.messages if m["role"] == "user"]
+    assert None not in questions  # every turn asks about the persona
+    recalls = [m["content"] for m in good.messages if m["role"] == "user" and m["content"].startswith("remind me")]
+    assert recalls  # some questions come back: line-to-line consistency is tested in every domain
+    assert len(good.rewards) == problem.num_turns and all(r == 1.0 for r in good.rewards)
+    # Dodging every question is punished, not neutral.
+    _, dodge = run(name, lambda t, user: "you should try folk.")
+    assert all(r == -0.5 for r in dodge.rewards)
 
-    def truthful(t, user):
-        for slot, q in dialogue.SLOT_QUESTIONS.items():
-            if q in user:
-                return dialogue.state_fact(slot, PERSONA.facts[slot])
-        category = next(c for c in dialogue.TOPIC_WORDS if dialogue.taste_question(c) in user)
-        return dialogue.state_taste(PERSONA.preferences[category], True)
 
-    _, good = run("persona_consistency", truthful)
-    assert len(good.rewards) == 10 and all(r == 1.0 for r in good.rewards)
+def test_the_domains_differ_in_role_questions_and_recall_rate():
+    domains = [make_problem(ProblemConfig(name=n)) for n in ("persona_chitchat", "persona_therapy", "persona_education")]
+    assert len({p.system_prompt(PERSONA) for p in domains}) == 3
+    recall_share = [
+        sum(recall for _, recall in p.plan(PERSONA, 3)) / p.num_turns for p in domains
+    ]
+    assert recall_share[1] > recall_share[0] > recall_share[2]  # therapy comes back most, education least
+    assert "in this session" in domains[1].user_move(PERSONA, 0, 3).say
+    assert "for our class" in domains[2].user_move(PERSONA, 0, 3).say
 
+
+def test_persona_consistency_punishes_drift_and_lies():
+    problem = make_problem(ProblemConfig(name="persona_chitchat"))
+    # A conversation where the city is asked, then asked again ("remind me, ...").
+    seed = next(s for s in range(100) if [t for t, r in problem.plan(PERSONA, s) if t == "city"] == ["city"] * 2)
+    [first, again] = [t for t, (target, _) in enumerate(problem.plan(PERSONA, seed)) if target == "city"]
     wrong_city = next(c for c in ("lisbon", "oslo") if c != PERSONA.facts["city"])
-    script = iter(
-        [dialogue.state_fact("city", wrong_city)] + [dialogue.state_fact("city", PERSONA.facts["city"])] * 9
-    )
-    _, drift = run("persona_consistency", lambda t, user: next(script))
-    assert drift.rewards[0] == -1.0  # false to the persona
-    assert drift.rewards[1] == 0.0  # true to the persona (+1) but contradicts its own first line (-1)
+
+    def lie_then_truth(t, user):
+        if t == first:
+            return dialogue.state_fact("city", wrong_city)
+        return truthful(t, user)
+
+    conv = run_conversations(
+        problem, [PERSONA], [seed], scripted_policy(lie_then_truth), ScriptedPartner(), RuleJudge()
+    )[0]
+    assert conv.rewards[first] == -1.0  # false to the persona
+    assert conv.rewards[again] == 0.0  # true to the persona (+1) but contradicts its own line (-1)
+    assert all(r == 1.0 for t, r in enumerate(conv.rewards) if t not in (first, again))
 
 
 def test_same_seed_same_conversation_and_corpus_is_deterministic():
     problem = make_problem(ProblemConfig(name="elicitation"))
     personas = load_personas()[:8]
     a = run_conversations(
-        problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge()
+        problem, personas, list(range(8)), warm_start_agent(3), ScriptedPartner(), RuleJudge()
     )
     b = run_conversations(
-        problem, personas, list(range(8)), scripted_agent(3), ScriptedPartner(), RuleJudge()
+        problem, personas, list(range(8)), warm_start_agent(3), ScriptedPartner(), RuleJudge()
     )
     assert [c.messages for c in a] == [c.messages for c in b] and [c.rewards for c in a] == [
         c.rewards for c in b
@@ -190,4 +241,4 @@ def test_a_judge_that_returns_garbage_is_refused_not_zeroed():
 
     problem = make_problem(ProblemConfig(name="myopic"))
     with pytest.raises(JudgeError, match="finite"):
-        run_conversations(problem, [PERSONA], [0], scripted_agent(0), ScriptedPartner(), NaNJudge())
+        run_conversations(problem, [PERSONA], [0], warm_start_agent(0), ScriptedPartner(), NaNJudge())

@@ -70,7 +70,7 @@ def test_llm_actor_crash_mid_call_is_redone_and_a_lost_actor_is_an_error_not_a_z
     from ray.exceptions import RayActorError
 
     from ppg.env.conversation import run_conversations
-    from ppg.env.corpus import scripted_agent
+    from ppg.env.scripted_agents import warm_start_agent
     from ppg.env.judges import JudgeError, JudgeRequest, LLMJudge
     from ppg.env.llm import ChatLLMUnavailable, RemoteChatLLM, start_chat_llm_actor
     from ppg.env.partners import LLMPartner
@@ -86,7 +86,7 @@ def test_llm_actor_crash_mid_call_is_redone_and_a_lost_actor_is_an_error_not_a_z
 
     def play():  # greedy partner and judge: a redone call gives the same answer
         return run_conversations(
-            problem, personas, seeds, scripted_agent(0), LLMPartner(llm, temperature=0.0), LLMJudge(llm)
+            problem, personas, seeds, warm_start_agent(0), LLMPartner(llm, temperature=0.0), LLMJudge(llm)
         )
 
     reference = play()

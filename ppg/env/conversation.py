@@ -50,7 +50,7 @@ def run_conversations(
         Conversation(p, s, [{"role": "system", "content": problem.system_prompt(p)}])
         for p, s in zip(personas, seeds, strict=True)
     ]
-    segment_ids = problem.segment_ids()
+    segment_ids = [problem.segment_ids(c.seed) for c in conversations]
     for t in range(problem.num_turns):
         requests = [
             PartnerRequest(c.persona, problem.user_move(c.persona, t, c.seed), tuple(c.messages[1:]))
@@ -88,7 +88,7 @@ def run_conversations(
         score_of = dict(zip(judged, scores, strict=True))
         for i, c in enumerate(conversations):
             c.rewards.append(problem.reward_scale * gates[i] * score_of.get(i, 0.0))
-            c.segment_ids.append(segment_ids[t])
+            c.segment_ids.append(segment_ids[i][t])
     return conversations
 
 

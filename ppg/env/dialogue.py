@@ -62,6 +62,19 @@ def request_ideas(category: str) -> str:
     return f"any {TOPIC_WORDS[category]} ideas?"
 
 
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+def new_topic(category: str, turns: int) -> str:
+    """A segment's opening: the topic and how many turns it lasts (so an agent can plan inside it)."""
+    unit = "turn" if turns == 1 else "turns"
+    return f"let us talk about {TOPIC_WORDS[category]} for {NUMBER_WORDS[turns]} {unit}. {request_ideas(category)}"
+
+
+OPEN_QUESTION = "tell me about yourself."
+RECALL_PREFIX = "remind me, "
+
+
 def reveal(item: str) -> str:
     return f"i like {item}."
 
@@ -120,6 +133,48 @@ def parse(text: str) -> Acts:
 
 def categories_of(items: list[str]) -> set[str]:
     return {ITEM_CATEGORY[i] for i in items}
+
+
+# --- Reading the user's side: what is being talked about, what the user asked of the agent ------
+
+
+def user_lines(history: tuple[dict, ...] | list[dict]) -> list[str]:
+    return [m["content"].lower() for m in history if m["role"] == "user"]
+
+
+def focus_topic(history: tuple[dict, ...] | list[dict]) -> str | None:
+    """The category the user is talking about: the latest user line that names one (a topic word or a
+    revealed taste), or None when the user never named one."""
+    for line in reversed(user_lines(history)):
+        words = set(_WORD.findall(line))
+        named = [c for c, w in TOPIC_WORDS.items() if w in words]
+        named += [ITEM_CATEGORY[i] for i in _LIKE.findall(line) if i in ITEM_CATEGORY]
+        if named:
+            return named[-1]
+    return None
+
+
+def revealed_tastes(history: tuple[dict, ...] | list[dict]) -> dict[str, str]:
+    """category -> item for every taste the user has stated so far ("i like jazz.")."""
+    return {ITEM_CATEGORY[i]: i for line in user_lines(history) for i in _LIKE.findall(line) if i in ITEM_CATEGORY}
+
+
+def persona_question(line: str) -> str | None:
+    """What a user line asks about the agent's persona: a fact slot ("city"), a taste ("taste:music"),
+    "open" (tell me about yourself), or None (not a persona question)."""
+    line = line.lower()
+    for slot, question in SLOT_QUESTIONS.items():
+        if question in line:
+            return slot
+    for category in CATEGORIES:
+        if taste_question(category) in line:
+            return f"taste:{category}"
+    return "open" if OPEN_QUESTION in line else None
+
+
+def last_user_line(history: tuple[dict, ...] | list[dict]) -> str:
+    lines = user_lines(history)
+    return lines[-1] if lines else ""
 
 
 assert set(TOPIC_WORDS) == set(CATEGORIES)

@@ -27,7 +27,7 @@ class Partner(Protocol):
 
 
 class ScriptedPartner:
-    """Answers a question about its tastes if the move allows it, then says the move's line."""
+    """Answers the agent's question about the move's topic (if it asked one), then says the move's line."""
 
     def reply(self, requests: list[PartnerRequest]) -> list[str]:
         return [self._reply(r) for r in requests]
@@ -36,9 +36,9 @@ class ScriptedPartner:
     def _reply(request: PartnerRequest) -> str:
         parts = []
         last_agent = next((m["content"] for m in reversed(request.history) if m["role"] == "assistant"), None)
-        if request.move.reveal_on_ask and last_agent is not None:
-            for category in sorted(dialogue.parse(last_agent).asks):
-                parts.append(dialogue.reveal(request.persona.preferences[category]))
+        topic = request.move.reveal
+        if topic is not None and last_agent is not None and topic in dialogue.parse(last_agent).asks:
+            parts.append(dialogue.reveal(request.persona.preferences[topic]))
         parts.append(request.move.say)
         return " ".join(parts)
 

@@ -37,19 +37,17 @@ class UserMove:
 
     say: str
     goal: str
-    reveal_on_ask: bool = False  # first answer the agent's question about a preference, if it asked
+    reveal: str | None = None  # if the agent just asked the user's taste in this category, say it first
 
 
-# The user's reply after the opening in the elicitation-style problems: answer, then ask for more.
-FOLLOW_UP = UserMove(
-    say="anything else?", goal="answer any question, then ask for more ideas.", reveal_on_ask=True
-)
-
-
-def recommends_what_was_asked(reply: Acts, earlier_replies: list[Acts]) -> float:
-    """1 if the reply recommends something in a category that one of ``earlier_replies`` asked about."""
-    asked = set().union(*(a.asks for a in earlier_replies))
-    return 1.0 if dialogue.categories_of(reply.items) & asked else 0.0
+def follow_up(category: str) -> UserMove:
+    """The user's turn after the opening in ask-first problems: answer a question about this topic's
+    taste (only this topic's, so nothing asked here pays in another topic), then ask for more."""
+    return UserMove(
+        say="anything else?",
+        goal=f"if asked what {category} you like, say it; then ask for more ideas.",
+        reveal=category,
+    )
 
 
 PROBLEMS: dict[str, type[Problem]] = {}
@@ -80,6 +78,7 @@ class Problem:
     def __init__(self, config: ProblemConfig | None = None) -> None:
         config = config or ProblemConfig(name=self.name)
         self.num_turns = config.num_turns or self.default_turns
+        self.fixed_segments = config.segment_boundaries is not None
         if config.segment_boundaries is None:  # the problem's own, as far as the horizon reaches
             self.segment_boundaries = tuple(b for b in self.default_boundaries if b < self.num_turns)
         else:
@@ -105,16 +104,21 @@ class Problem:
         raise NotImplementedError
 
     def gate(self, t: int, reply: Acts, earlier_replies: list[Acts]) -> float:
-        """1 if this reply can earn reward at turn t, else 0 (delayed problems withhold it)."""
+        """1 if this reply can earn reward at turn t, else 0 (a problem may withhold reward)."""
         return 1.0
+
+    def boundaries(self, seed: int) -> tuple[int, ...]:
+        """Turns where a new segment starts in the conversation seeded ``seed`` (fixed by default)."""
+        return self.segment_boundaries
 
     # --- shared ---
 
-    def segment_ids(self) -> list[int]:
-        return [sum(b <= t for b in self.segment_boundaries) for t in range(self.num_turns)]
+    def segment_ids(self, seed: int = 0) -> list[int]:
+        starts = self.boundaries(seed)
+        return [sum(b <= t for b in starts) for t in range(self.num_turns)]
 
-    def segment_start(self, t: int) -> int:
-        return max([0] + [b for b in self.segment_boundaries if b <= t])
+    def segment_start(self, t: int, seed: int = 0) -> int:
+        return max([0] + [b for b in self.boundaries(seed) if b <= t])
 
     def topics(self, seed: int, n: int) -> list[str]:
         """n categories for a conversation, without repeats while there are fresh ones."""
@@ -150,75 +154,168 @@ class Elicitation(Problem):
         "full (or k_step, K >= 2)",
     )
     why = (
-        "the user asks for ideas but reveals a taste only when asked; a recommendation earns reward only "
-        "in a category the agent asked about earlier. Asking pays nothing now, so greedy never learns to "
-        "ask; full planning or K-step lookahead credits the question with the later reward"
+        "the user asks for ideas in one topic but states a taste only when asked. Asking pays 0 now; a "
+        "blind guess on topic pays ~0.5; the user's own taste pays ~1 at every later turn. Greedy learns "
+        "to guess; full planning or K-step lookahead credits the question with the later rewards"
     )
 
     def user_move(self, persona, t, seed):
         category = self.topics(seed, 1)[0]
         if t == 0:
             return UserMove(say=f"hi. {dialogue.request_ideas(category)}", goal=f"ask for {category} ideas.")
-        return FOLLOW_UP
-
-    def gate(self, t, reply, earlier_replies):
-        return recommends_what_was_asked(reply, earlier_replies)
+        return follow_up(category)
 
 
 @register_problem
 class Segmented(Problem):
     name, family, aspect, best_class = "segmented", "user_alignment", "alignment", "segment"
     why = (
-        "the conversation moves through topics at known turns; within a topic the agent must ask before "
-        "recommending, and nothing carries over a boundary. Rewards inside a segment depend only on "
-        "actions inside it, so the segment class keeps all the signal and drops later segments' noise"
+        "the conversation moves through topics in segments of 1-4 turns (lengths vary per conversation "
+        "and are announced); within a topic asking first pays in the topic's later turns, and nothing "
+        "carries over a boundary. The segment class credits exactly the rest of the segment; no fixed K "
+        "fits every segment (too short: the question loses its reward; too long: noise from the next topic)"
     )
-    default_turns = 6
-    default_boundaries = (2, 4)
+    default_turns = 8
+    segment_lengths: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
+
+    def boundaries(self, seed):
+        if self.fixed_segments:
+            return self.segment_boundaries
+        rng = random.Random(seed * 7919 + 1)
+        while True:  # at most one segment per topic, so no taste asked in one topic pays in another
+            starts, t = [], 0
+            while True:
+                t += rng.choice(self.segment_lengths)
+                if t >= self.num_turns:
+                    break
+                starts.append(t)
+            if len(starts) < len(CATEGORIES):
+                return tuple(starts)
 
     def user_move(self, persona, t, seed):
-        topics = self.topics(seed, len(self.segment_boundaries) + 1)
-        category = topics[self.segment_ids()[t]]
-        if t == self.segment_start(t):
+        starts = self.boundaries(seed)
+        segment = self.segment_ids(seed)[t]
+        category = self.topics(seed, len(starts) + 1)[segment]
+        if t == self.segment_start(t, seed):
+            ends = [*starts, self.num_turns]
+            length = ends[segment] - t
             return UserMove(
-                say=f"let us talk about {category}. {dialogue.request_ideas(category)}",
-                goal=f"change the topic to {category} and ask for ideas.",
+                say=dialogue.new_topic(category, length),
+                goal=f"change the topic to {category} for {length} turns and ask for ideas.",
             )
-        return FOLLOW_UP
-
-    def gate(self, t, reply, earlier_replies):
-        return recommends_what_was_asked(reply, earlier_replies[self.segment_start(t) : t])
+        return follow_up(category)
 
 
-@register_problem
-class PersonaConsistency(Problem):
-    name, family, aspect, best_class = (
-        "persona_consistency",
-        "persona_consistency",
-        "consistency",
-        "greedy or k_step",
-    )
-    why = (
-        "the agent plays an assigned persona (chit-chat partner, therapy patient or student) through a long "
-        "dialogue; each reply is scored for agreeing with the persona and with its own earlier lines. "
-        "Telling the truth now is also what keeps later lines consistent, so the immediate reward carries "
-        "most of the signal, while 10+ turns make full planning's estimate noisy: short K-step or greedy"
-    )
+class PersonaDomain(Problem):
+    """The agent plays an assigned persona; the partner asks about it (Abdulhai et al. 2025's
+    consistency benchmark, in this project's closed language). Each turn is a persona question: a
+    fact, a taste, "tell me about yourself", or ``recall_every`` turns a question asked before
+    ("remind me, ..."), so lines are judged against the persona (prompt-to-line), against the
+    agent's own earlier lines (line-to-line) and as answers (Q&A). Dodging a question is punished.
+    """
+
+    family, aspect = "persona_consistency", "consistency"
+    best_class = "k_step (K = 2-3)"
+    setting: ClassVar[str]  # the role the agent plays
+    role: ClassVar[str]  # how the system prompt names it
+    opener: ClassVar[str]  # how the partner frames its questions
+    targets: ClassVar[tuple[str, ...]]  # what the partner asks about: slots, "taste:<c>", "open"
+    recall_every: ClassVar[int] = 3  # >= 2
     default_turns = 10
-    OPENERS = {"chitchat": "", "patient": "in this session, ", "student": "for our class, "}
+
+    def domain_of(self, persona: Persona) -> type[PersonaDomain]:
+        """The domain whose role, questions and framing this persona's conversation uses."""
+        return type(self)
 
     def system_prompt(self, persona):
         facts = " ".join(dialogue.state_fact(s, v) for s, v in persona.facts.items())
         tastes = " ".join(dialogue.state_taste(i, True) for i in persona.preferences.values())
         hates = " ".join(dialogue.state_taste(i, False) for i in persona.dislikes.values())
-        return f"you are {persona.name}, a {persona.setting}. stay in character. {facts} {tastes} {hates}"
+        role = self.domain_of(persona).role
+        return f"you are {persona.name}, {role}. stay in character. {facts} {tastes} {hates}"
+
+    def plan(self, persona: Persona, seed: int) -> list[tuple[str, bool]]:
+        """(target, is a recall) per turn: fresh questions in a seeded order, every ``recall_every``-th
+        turn one asked before again."""
+        domain = self.domain_of(persona)
+        rng = random.Random(seed)
+        fresh = list(domain.targets)
+        rng.shuffle(fresh)
+        plan: list[tuple[str, bool]] = []
+        for t in range(self.num_turns):
+            if plan and t % domain.recall_every == domain.recall_every - 1:
+                plan.append((rng.choice([target for target, _ in plan]), True))
+            else:
+                plan.append((fresh[sum(not recall for _, recall in plan) % len(fresh)], False))
+        return plan
 
     def user_move(self, persona, t, seed):
-        prompts = [dialogue.SLOT_QUESTIONS[s] for s in persona.facts] + [
-            dialogue.taste_question(c) for c in CATEGORIES
-        ]
-        random.Random(seed).shuffle(prompts)
-        question = prompts[t % len(prompts)]
-        return UserMove(
-            say=self.OPENERS[persona.setting] + question, goal=f"ask the other person: {question}"
-        )
+        target, recall = self.plan(persona, seed)[t]
+        question = _question(target)
+        prefix = dialogue.RECALL_PREFIX if recall else self.domain_of(persona).opener
+        return UserMove(say=prefix + question, goal=f"ask the other person: {question}")
+
+
+def _question(target: str) -> str:
+    if target == "open":
+        return dialogue.OPEN_QUESTION
+    if target.startswith("taste:"):
+        return dialogue.taste_question(target.removeprefix("taste:"))
+    return dialogue.SLOT_QUESTIONS[target]
+
+
+_SLOTS = tuple(dialogue.SLOT_QUESTIONS)
+_TASTES = tuple(f"taste:{c}" for c in CATEGORIES)
+
+
+@register_problem
+class PersonaChitchat(PersonaDomain):
+    name, setting, role, opener = "persona_chitchat", "chitchat", "chatting with a new friend", ""
+    why = (
+        "open chit-chat: the partner asks about facts, tastes and 'tell me about yourself', and every "
+        "third turn asks something again. A false answer now costs the next recall too (repeat the lie "
+        "or contradict yourself), a few turns ahead; 10 turns make full planning's estimate noisy"
+    )
+    targets = (*_SLOTS, *_TASTES, "open")
+
+
+@register_problem
+class PersonaTherapy(PersonaDomain):
+    name, setting, role, opener = "persona_therapy", "patient", "a patient in therapy", "in this session, "
+    why = (
+        "therapy: the therapist asks about the patient's life (home, work, family, pets, what helps "
+        "them relax) and comes back to it often (every second turn is a recall), over 12 turns: "
+        "consistency with earlier lines matters most here, so lookahead of a few turns pays"
+    )
+    targets = (*_SLOTS, "taste:music", "taste:hobby", "open")
+    recall_every = 2
+    default_turns = 12
+
+
+@register_problem
+class PersonaEducation(PersonaDomain):
+    name, setting, role, opener = "persona_education", "student", "a student in class", "for our class, "
+    why = (
+        "education: the teacher asks the student about reading, hobbies, travel and home, rarely "
+        "coming back (every fourth turn): mostly independent questions, so short lookahead or greedy"
+    )
+    targets = ("taste:books", "taste:hobby", "taste:travel", "taste:music", "city", "job", "open")
+    recall_every = 4
+
+
+@register_problem
+class PersonaConsistency(PersonaDomain):
+    name = "persona_consistency"
+    why = (
+        "the three domains mixed: each persona's own setting (chitchat, patient, student) picks the "
+        "domain's role, questions and framing; see persona_chitchat, persona_therapy, persona_education"
+    )
+    setting, role, opener, targets = "mixed", "", "", ()
+    DOMAINS: ClassVar[dict[str, type[PersonaDomain]]] = {
+        "chitchat": PersonaChitchat,
+        "patient": PersonaTherapy,
+        "student": PersonaEducation,
+    }
+
+    def domain_of(self, persona):
+        return self.DOMAINS[persona.setting]
