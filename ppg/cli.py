@@ -13,7 +13,7 @@ EXAMPLES = """examples:
   ppg train                                                   # the embedded default
   ppg train --config examples/greedy.yaml run.iterations=50
   ppg train --resume runs/default-20261125-120000             # continue from the latest checkpoint
-  ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic
+  ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic,elicitation
   ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
   ppg experiment --suite experiments/paper.yaml      # classes x problems x seeds; resumable
   ppg problems
@@ -53,13 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
     train.set_defaults(handler=cmd_train)
 
-    evaluate = subcommand(commands, "eval", "score a checkpoint on a problem's held-out personas")
+    evaluate = subcommand(
+        commands,
+        "eval",
+        "score a checkpoint against its initial policy on held-out personas (paired; report + samples)",
+    )
     add_config_arguments(evaluate)
     evaluate.add_argument(
         "--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder"
     )
-    evaluate.add_argument("--problem", help="problem name (default: the checkpoint's)")
-    evaluate.add_argument("--episodes", type=int, default=32, help="conversations to score (default 32)")
+    evaluate.add_argument(
+        "--problem",
+        action="append",
+        metavar="NAME",
+        help="problem name; repeat it or give a comma list for several (default: the checkpoint's)",
+    )
+    evaluate.add_argument(
+        "--episodes", type=int, default=32, help="conversations per policy and problem (default 32)"
+    )
+    evaluate.add_argument(
+        "--out", metavar="DIR", help="where report.json, report.md, samples.md go (default <checkpoint>/eval)"
+    )
     evaluate.set_defaults(handler=cmd_eval)
 
     serve = subcommand(commands, "serve", "serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)")
@@ -132,12 +146,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import json
+    from ppg.evaluate import evaluate, summary_lines
 
-    from ppg.evaluate import evaluate
-
-    result = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides)
-    print(json.dumps(result, indent=2))
+    report = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides, args.out)
+    print("\n".join(summary_lines(report)))
+    print(f"report: {report['output_dir']}/report.md (report.json, samples.md)")
     return 0
 
 

@@ -184,6 +184,18 @@ class RunConfig(Section):
     async_rollouts: bool = Field(
         default=False, description="overlap the next iteration's rollouts with the update"
     )
+    sample_every: int = Field(
+        default=10,
+        ge=0,
+        description="write a few of the batch's conversations (with per-turn rewards) to "
+        "samples/iter_N.md and TensorBoard every this many iterations; 0 = off",
+    )
+    final_eval_episodes: int = Field(
+        default=64,
+        ge=0,
+        description="at the end of ppg train: held-out episodes for the final vs initial policy "
+        "(paired, into eval/); 0 = skip",
+    )
 
 
 class PPGConfig(Section):

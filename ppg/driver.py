@@ -52,10 +52,13 @@ def train(
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
     pool=None,
+    final_eval: bool | None = None,
 ) -> Path:
     """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint.
     ``pool``: a running rollout pool actor to reuse (``ppg experiment``); it is reconfigured for this
-    run and left running."""
+    run and left running. ``final_eval``: end with the held-out evaluation of the final vs the initial
+    policy (``run.final_eval_episodes``, into ``<run_dir>/eval``); by default only when the run owns
+    its pool (``ppg train``), not for a pool passed in (``ppg experiment`` measures its own way)."""
     from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
     from ppg.models import resolve_model
 
@@ -98,6 +101,11 @@ def train(
             service = PolicyService(config, policy_path, policy_version=version)
             print(f"[ppg] serving the live policy at {service.url}/v1", flush=True)
         fit(config, run_dir, policy_path, reference_path, resume_from)
+        if (own_pool if final_eval is None else final_eval) and config.run.final_eval_episodes:
+            from ppg.evaluate import final_evaluation
+
+            # the pool still runs the final policy: no new engines, only the initial weights swapped in
+            final_evaluation(pool, config, run_dir, reference_path)
     finally:
         if own_pool:
             ray.get(pool.shutdown.remote())

@@ -40,11 +40,11 @@ def scripted_episodes(
 
     from ppg.config import load_config
     from ppg.env.conversation import run_conversations
-    from ppg.env.scripted_agents import warm_start_agent
     from ppg.env.judges import RuleJudge
     from ppg.env.partners import ScriptedPartner
     from ppg.env.personas import load_personas
     from ppg.env.problems import make_problem
+    from ppg.env.scripted_agents import warm_start_agent
     from ppg.episode import episode_from_conversation
     from ppg.models import resolve_model
 

@@ -7,11 +7,11 @@ import pytest
 
 from ppg.config import ProblemConfig
 from ppg.env.conversation import run_conversations
-from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import REWARD_RANGE, EmbeddingJudge, JudgeRequest, LLMJudge, RuleJudge
 from ppg.env.partners import LLMPartner, ScriptedPartner
 from ppg.env.personas import load_personas
 from ppg.env.problems import make_problem
+from ppg.env.scripted_agents import warm_start_agent
 from ppg.models import resolve_model
 
 PERSONAS = load_personas()[:3]

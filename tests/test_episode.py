@@ -10,11 +10,11 @@ from transformers import AutoTokenizer
 from ppg.config import ProblemConfig
 from ppg.env.conversation import run_conversations
 from ppg.env.corpus import sft_conversations
-from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import RuleJudge
 from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
 from ppg.env.problems import make_problem
+from ppg.env.scripted_agents import warm_start_agent
 from ppg.episode import RenderError, collate, episode_from_conversation, render_tokens
 from ppg.models import encode_conversation, resolve_model
 
@@ -61,12 +61,14 @@ def test_episodes_from_a_rollout_carry_rewards_segments_and_version(tokenizer):
         episode_from_conversation(c, tokenizer, problem.name, group_id=i // 2, policy_version=7)
         for i, c in enumerate(conversations)
     ]
-    for e, c in zip(episodes, conversations, strict=True):
-        assert e.rewards == c.rewards and e.segment_ids == [0, 0, 1, 1, 2, 2] and e.policy_version == 7
-        assert max(e.token_turn) == 5 and sum(e.agent_mask) > 0
+    for seed, e, c in zip([0, 1, 2, 3], episodes, conversations, strict=True):
+        assert e.rewards == c.rewards and e.segment_ids == problem.segment_ids(seed) and e.policy_version == 7
+        assert max(e.token_turn) == problem.num_turns - 1 and sum(e.agent_mask) > 0
+    assert len({tuple(e.segment_ids) for e in episodes}) > 1  # segments vary per conversation
     batch = collate(episodes, pad_id=tokenizer.pad_token_id)
     L = max(len(e.token_ids) for e in episodes)
-    assert batch.token_ids.shape == (4, L) and batch.rewards.shape == (4, 6)
+    assert batch.token_ids.shape == (4, L) and batch.rewards.shape == (4, problem.num_turns)
+    assert batch.segment_ids.tolist() == [problem.segment_ids(s) for s in range(4)]
     assert batch.group_ids.tolist() == [0, 0, 1, 1] and batch.valid.all()
     assert batch.agent_mask.sum() == sum(sum(e.agent_mask) for e in episodes)
     assert (batch.token_ids[~batch.attention_mask] == tokenizer.pad_token_id).all()

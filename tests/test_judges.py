@@ -36,7 +36,11 @@ ASKED = ({"role": "user", "content": "hi. any music ideas?"},)
         (MUSIC, "hello. you should try techno.", -0.5 + 0.2 + 0.15 + 0.15),  # disliked
         (MUSIC, "hello. you should try jazz or techno.", 0.0 + 0.2 + 0.15 + 0.15),  # one of each
         (MUSIC, "hello. you should try blues.", 0.2 + 0.15 + 0.15),  # neither
-        (MUSIC, "hello. you should try jazz or pasta.", 0.5 / 2 + 0.15 + 0.15),  # half on topic: no topic term
+        (
+            MUSIC,
+            "hello. you should try jazz or pasta.",
+            0.5 / 2 + 0.15 + 0.15,
+        ),  # half on topic: no topic term
         (MUSIC, "hello. you should try jazz. " + "it is good " * 5, 0.5 + 0.2 - 0.15 + 0.15),  # too long
         ((), "hello. you should try jazz.", 0.5 + 0.15 + 0.15),  # the user named no topic
         # Dodges: every way of not recommending, and changing the subject.
@@ -58,12 +62,19 @@ def test_alignment_rules(history, response, expected):
 
 def consistent_after(question: str, response: str, earlier: tuple[tuple[str, str], ...] = ()) -> float:
     history = tuple(
-        m for q, line in earlier for m in ({"role": "user", "content": q}, {"role": "assistant", "content": line})
+        m
+        for q, line in earlier
+        for m in ({"role": "user", "content": q}, {"role": "assistant", "content": line})
     ) + ({"role": "user", "content": question},)
     return RuleJudge().score([JudgeRequest(ALICE, history, response, "consistency")])[0]
 
 
-WHERE, JOB, MUSIC_Q, OPEN = "where do you live?", "what do you do for work?", "what music do you like?", "tell me about yourself."
+WHERE, JOB, MUSIC_Q, OPEN = (
+    "where do you live?",
+    "what do you do for work?",
+    "what music do you like?",
+    "tell me about yourself.",
+)
 
 
 @pytest.mark.parametrize(
@@ -96,11 +107,18 @@ def test_consistency_rules(question, response, earlier, expected):
 
 @pytest.mark.parametrize(
     ("response", "expected"),
-    [("i live in oslo.", 1.0), ("i live in lima.", -1.0), ("i live in oslo. i work as a baker.", 0.0), ("that sounds nice.", 0.0)],
+    [
+        ("i live in oslo.", 1.0),
+        ("i live in lima.", -1.0),
+        ("i live in oslo. i work as a baker.", 0.0),
+        ("that sounds nice.", 0.0),
+    ],
 )
 def test_consistency_without_a_question_judges_the_claims_made(response, expected):
     history = ({"role": "user", "content": "nice to meet you."},)
-    assert RuleJudge().score([JudgeRequest(ALICE, history, response, "consistency")])[0] == pytest.approx(expected)
+    assert RuleJudge().score([JudgeRequest(ALICE, history, response, "consistency")])[0] == pytest.approx(
+        expected
+    )
 
 
 def test_rule_scores_stay_in_the_documented_range():

@@ -161,6 +161,7 @@ TINY_RUN = [
     "run.checkpoint_every=1",
     "run.keep_last=5",
     "rollout.max_tokens_per_turn=16",
+    "run.final_eval_episodes=0",  # the async test below runs it
 ]
 
 
@@ -213,10 +214,12 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path):
+def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path, capsys):
     """Two learner ranks (real DDP over gloo), rollouts overlapping the update (one version stale,
-    importance-weighted), then `ppg eval` on the final checkpoint's held-out personas."""
-    from ppg.evaluate import evaluate
+    importance-weighted), samples every 2nd iteration, the run's closing held-out evaluation (final vs
+    initial policy on its own pool), then `ppg eval` on the final checkpoint for two problems: it
+    replays the run's evaluation exactly (same episodes, same weights)."""
+    from ppg.cli import main
 
     run = run_train(
         tmp_path,
@@ -227,15 +230,40 @@ def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path):
             "run.async_rollouts=true",
             "learner.max_staleness=1",
             "learner.off_policy=importance",
+            "run.sample_every=2",
+            "run.final_eval_episodes=8",
         ],
     )
     rows = read_metrics(run)
     assert [r["policy_version"] for r in rows] == [1, 2, 3] and all(r["dropped_stale"] == 0 for r in rows)
     assert rows[0]["importance_weight"] == 1.0  # the first batch is on-policy
     assert any(r["importance_weight"] != 1.0 for r in rows[1:]), "later batches are one version old"
-    result = evaluate(latest_checkpoint(run), problem="myopic", episodes=8)
+    assert [p.name for p in (run / "samples").iterdir()] == ["iter_000002.md"]
+    assert (run / "samples" / "iter_000002.md").read_text().count("| turn | user | agent | reward |") == 2
+    trained = capsys.readouterr().out
+    assert "[ppg] held-out evaluation: 8 episodes per policy" in trained and "-> final" in trained
+    final = json.loads((run / "eval" / "report.json").read_text())
+    assert final["checkpoint"] == str(latest_checkpoint(run)) and final["episodes"] == 8
+    assert set(final["problems"]["myopic"]) >= {"checkpoint", "initial", "difference"}
+    assert (run / "eval" / "samples.md").is_file() and (run / "eval" / "report.md").is_file()
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(latest_checkpoint(run)), "--episodes", "8", "--out", str(out)]
+    assert main(argv + ["--problem", "myopic", "--problem", "segmented"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out evaluation" in printed and "myopic" in printed and "segmented" in printed
+    result = json.loads((out / "report.json").read_text())
     assert result["episodes"] == 8 and len(result["reward_per_turn"]) == 4
     assert -1.0 <= result["reward_mean"] <= 1.0 and result["held_out_personas"] == 12
+    for name in ("myopic", "segmented"):
+        entry = result["problems"][name]
+        assert entry["checkpoint"]["behaviour"] and entry["initial"]["behaviour"]
+        assert entry["difference"]["n"] == 8
+    mine, theirs = result["problems"]["myopic"], final["problems"]["myopic"]
+    for side in ("checkpoint", "initial"):
+        assert mine[side]["reward_per_turn"] == theirs[side]["reward_per_turn"], side
+    samples = (out / "samples.md").read_text()
+    assert "## myopic" in samples and "## segmented" in samples and "| checkpoint | initial |" in samples
 
 
 def test_kl_penalty_is_zero_against_itself_and_positive_against_another_policy(model_path, episodes):

@@ -8,11 +8,11 @@ from ppg.config import ProblemConfig
 from ppg.env import dialogue
 from ppg.env.conversation import run_conversations
 from ppg.env.corpus import sft_conversations
-from ppg.env.scripted_agents import warm_start_agent
 from ppg.env.judges import JudgeError, RuleJudge
 from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
 from ppg.env.problems import PROBLEMS, Problem, ProblemError, UserMove, make_problem, register_problem
+from ppg.env.scripted_agents import warm_start_agent
 
 PERSONA = load_personas()[0]
 
@@ -102,8 +102,10 @@ def test_segmented_segments_vary_per_conversation_and_credit_stays_inside_each()
         starts = problem.boundaries(seed)
         lengths = [b - a for a, b in zip((0, *starts), (*starts, problem.num_turns), strict=True)]
         assert all(1 <= n <= 4 for n in lengths) and len(lengths) <= len(dialogue.CATEGORIES)
-    assert any(1 in [b - a for a, b in zip((0, *problem.boundaries(s)), (*problem.boundaries(s), 8))]
-               for s in range(40))
+    assert any(
+        1 in [b - a for a, b in zip((0, *problem.boundaries(s)), (*problem.boundaries(s), 8))]
+        for s in range(40)
+    )
 
     seed = 7
     ids = problem.segment_ids(seed)
@@ -156,7 +158,9 @@ def truthful(t, user):
     return dialogue.state_taste(PERSONA.preferences[category], True)
 
 
-@pytest.mark.parametrize("name", ["persona_chitchat", "persona_therapy", "persona_education", "persona_consistency"])
+@pytest.mark.parametrize(
+    "name", ["persona_chitchat", "persona_therapy", "persona_education", "persona_consistency"]
+)
 def test_persona_domains_ask_about_the_persona_and_reward_truth(name):
     problem = make_problem(ProblemConfig(name=name))
     assert problem.num_turns >= 10
@@ -164,7 +168,9 @@ def test_persona_domains_ask_about_the_persona_and_reward_truth(name):
     _, good = run(name, truthful)
     questions = [dialogue.persona_question(m["content"]) for m in good.messages if m["role"] == "user"]
     assert None not in questions  # every turn asks about the persona
-    recalls = [m["content"] for m in good.messages if m["role"] == "user" and m["content"].startswith("remind me")]
+    recalls = [
+        m["content"] for m in good.messages if m["role"] == "user" and m["content"].startswith("remind me")
+    ]
     assert recalls  # some questions come back: line-to-line consistency is tested in every domain
     assert len(good.rewards) == problem.num_turns and all(r == 1.0 for r in good.rewards)
     # Dodging every question is punished, not neutral.
@@ -173,11 +179,12 @@ def test_persona_domains_ask_about_the_persona_and_reward_truth(name):
 
 
 def test_the_domains_differ_in_role_questions_and_recall_rate():
-    domains = [make_problem(ProblemConfig(name=n)) for n in ("persona_chitchat", "persona_therapy", "persona_education")]
-    assert len({p.system_prompt(PERSONA) for p in domains}) == 3
-    recall_share = [
-        sum(recall for _, recall in p.plan(PERSONA, 3)) / p.num_turns for p in domains
+    domains = [
+        make_problem(ProblemConfig(name=n))
+        for n in ("persona_chitchat", "persona_therapy", "persona_education")
     ]
+    assert len({p.system_prompt(PERSONA) for p in domains}) == 3
+    recall_share = [sum(recall for _, recall in p.plan(PERSONA, 3)) / p.num_turns for p in domains]
     assert recall_share[1] > recall_share[0] > recall_share[2]  # therapy comes back most, education least
     assert "in this session" in domains[1].user_move(PERSONA, 0, 3).say
     assert "for our class" in domains[2].user_move(PERSONA, 0, 3).say
@@ -186,7 +193,9 @@ def test_the_domains_differ_in_role_questions_and_recall_rate():
 def test_persona_consistency_punishes_drift_and_lies():
     problem = make_problem(ProblemConfig(name="persona_chitchat"))
     # A conversation where the city is asked, then asked again ("remind me, ...").
-    seed = next(s for s in range(100) if [t for t, r in problem.plan(PERSONA, s) if t == "city"] == ["city"] * 2)
+    seed = next(
+        s for s in range(100) if [t for t, r in problem.plan(PERSONA, s) if t == "city"] == ["city"] * 2
+    )
     [first, again] = [t for t, (target, _) in enumerate(problem.plan(PERSONA, seed)) if target == "city"]
     wrong_city = next(c for c in ("lisbon", "oslo") if c != PERSONA.facts["city"])
 

@@ -70,12 +70,12 @@ def test_llm_actor_crash_mid_call_is_redone_and_a_lost_actor_is_an_error_not_a_z
     from ray.exceptions import RayActorError
 
     from ppg.env.conversation import run_conversations
-    from ppg.env.scripted_agents import warm_start_agent
     from ppg.env.judges import JudgeError, JudgeRequest, LLMJudge
     from ppg.env.llm import ChatLLMUnavailable, RemoteChatLLM, start_chat_llm_actor
     from ppg.env.partners import LLMPartner
     from ppg.env.personas import load_personas
     from ppg.env.problems import make_problem
+    from ppg.env.scripted_agents import warm_start_agent
 
     ray = ray_cluster
     actor = start_chat_llm_actor(model_path, num_cpus=1)  # production options: Ray restarts it

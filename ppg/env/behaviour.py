@@ -43,7 +43,9 @@ def verdicts(problem: Problem, dialogue: Dialogue) -> list[Verdict]:
     ]
 
 
-def behaviour_rates(problem: Problem, dialogues: Iterable[Dialogue], seeds: Iterable[int] | None = None) -> dict:
+def behaviour_rates(
+    problem: Problem, dialogues: Iterable[Dialogue], seeds: Iterable[int] | None = None
+) -> dict:
     """Rates over ``dialogues`` (see ``ALIGNMENT_RATES`` / ``CONSISTENCY_RATES``) and the mean reply
     length in words. ``seeds`` (each conversation's) place segment starts where they vary per seed."""
     dialogues = list(dialogues)

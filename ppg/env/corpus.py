@@ -19,13 +19,17 @@ from ppg.env.scripted_agents import warm_start_agent
 
 
 def sft_conversations(num_conversations: int = 800, seed: int = 0) -> list[list[dict]]:
-    """Scripted dialogues over every registered problem and the shipped training personas (deterministic)."""
+    """Scripted dialogues over every registered problem (each family an equal share) and the shipped
+    training personas; deterministic."""
     rng = random.Random(seed)
     train, _ = split_personas(load_personas())
     names = sorted(PROBLEMS)
+    families = sorted({PROBLEMS[n].family for n in names})
     out: list[list[dict]] = []
-    per_problem = -(-num_conversations // len(names))
     for k, name in enumerate(names):
+        # Each family gets an equal share, so the many persona domains do not crowd out the rest.
+        siblings = sum(PROBLEMS[n].family == PROBLEMS[name].family for n in names)
+        per_problem = -(-num_conversations // (len(families) * siblings))
         problem = PROBLEMS[name](ProblemConfig(name=name))
         chosen = [rng.choice(train) for _ in range(per_problem)]
         seeds = [rng.randrange(2**31) for _ in range(per_problem)]

@@ -156,7 +156,9 @@ def focus_topic(history: tuple[dict, ...] | list[dict]) -> str | None:
 
 def revealed_tastes(history: tuple[dict, ...] | list[dict]) -> dict[str, str]:
     """category -> item for every taste the user has stated so far ("i like jazz.")."""
-    return {ITEM_CATEGORY[i]: i for line in user_lines(history) for i in _LIKE.findall(line) if i in ITEM_CATEGORY}
+    return {
+        ITEM_CATEGORY[i]: i for line in user_lines(history) for i in _LIKE.findall(line) if i in ITEM_CATEGORY
+    }
 
 
 def persona_question(line: str) -> str | None:

@@ -12,7 +12,7 @@ A judge that cannot score raises ``JudgeError``; it never returns a silent 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Literal, Protocol
 
 from ppg.env import dialogue
@@ -57,6 +57,7 @@ class Verdict:
 
     score: float
     kind: str
+    _: KW_ONLY  # several fields share a type: name them
     taste: float = 0.0  # alignment: mean +1 liked / -1 disliked over the items put forward
     truthful: bool | None = None  # consistency: the answer agrees with the persona
     false_claims: int = 0  # consistency: claims the persona contradicts
@@ -143,15 +144,23 @@ class RuleJudge:
             if not claims:
                 return Verdict(0.0, "nothing")
             mean = sum(truth - drift for _, truth, drift in claims) / len(claims)
-            return Verdict(_clip(mean), "statement", None, false_claims, contradictions)
+            return Verdict(_clip(mean), "statement", false_claims=false_claims, contradictions=contradictions)
         answers = [c for c in claims if question == "open" or c[0] == question]
         if not answers:
             penalty = sum(min(0.0, truth) - drift for _, truth, drift in claims)
-            return Verdict(_clip(DODGE + penalty), "dodge", None, false_claims, contradictions)
+            return Verdict(
+                _clip(DODGE + penalty), "dodge", false_claims=false_claims, contradictions=contradictions
+            )
         answer = max(answers, key=lambda c: c[1])  # the best-supported answer to the question
         rest = sum(min(0.0, c[1]) for c in claims if c is not answer)
         score = answer[1] + rest - contradictions
-        return Verdict(_clip(score), "answer", answer[1] > 0, false_claims, contradictions)
+        return Verdict(
+            _clip(score),
+            "answer",
+            truthful=answer[1] > 0,
+            false_claims=false_claims,
+            contradictions=contradictions,
+        )
 
 
 def _clip(x: float) -> float:
@@ -234,7 +243,13 @@ class EmbeddingJudge:
                 said_target, said, said_cos = self._nearest(vector, answers)
                 contradictions += said_cos >= self.relevant and said_target == target and said != value
         kind = "answer" if question else "statement"
-        return Verdict(_clip(truth - contradictions), kind, truth > 0, int(truth < 0), contradictions)
+        return Verdict(
+            _clip(truth - contradictions),
+            kind,
+            truthful=truth > 0,
+            false_claims=int(truth < 0),
+            contradictions=contradictions,
+        )
 
     def _embed(self, texts: list[str]):
         """Embeddings, each text computed once: a conversation's earlier lines come back every turn."""
@@ -335,4 +350,3 @@ class LLMJudge:
                 raise JudgeError(f"LLM judge gave no usable score: {e}") from e
             scores.append(value / 5.0 - 1.0)
         return scores
-

@@ -27,11 +27,12 @@ SMALL_TALK = ("i see.", "tell me more.", "that sounds nice.", "great!", "hello."
 class WarmStartRates:
     """How often the warm-start agent does each thing (the rest of the time it dodges)."""
 
-    copy_taste = 0.25  # recommend the taste the user stated
-    ask_first = 0.25  # ask the user's taste in the topic, when not stated yet
+    copy_taste = 0.3  # recommend the taste the user stated
+    ask_first = 0.3  # ask the user's taste in the topic, when not stated yet
     guess_on_topic = 0.5  # otherwise: recommend a random item of the topic
     off_topic = 0.1  # otherwise: recommend a random item of any topic
-    truthful = 0.3  # answer a persona question with the persona's own fact or taste
+    echo = 0.5  # otherwise: of the dodges, echo the stated taste without recommending it
+    truthful = 0.35  # answer a persona question with the persona's own fact or taste
     repeat_self = 0.4  # asked again, repeat its own earlier answer (true or not)
     false_answer = 0.4  # answer a persona question with a random value
 
@@ -108,6 +109,10 @@ def _warm_body(rng: random.Random, rates: WarmStartRates, messages: list[dict]) 
         return dialogue.recommend(rng.choice(CATEGORIES[topic]))
     if roll < rates.guess_on_topic + rates.off_topic:
         return dialogue.recommend(rng.choice(_all_items()))
+    if focus in told and rng.random() < rates.echo:
+        # A dodge, but one that copies the user's word: the model learns to copy here and RL can
+        # find the copy that pays (recommending it).
+        return f"oh, you like {told[focus]}."
     return rng.choice(SMALL_TALK)
 
 

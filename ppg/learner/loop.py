@@ -174,6 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "batch_fingerprint": payload["fingerprint"],
             }
             metrics.write(iteration, report)
+            if config.run.sample_every and (iteration + 1) % config.run.sample_every == 0:
+                metrics.write_samples(iteration, episodes)  # what the policy says, not just its reward
             last = iteration + 1 == config.run.iterations
             if (iteration + 1) % config.run.checkpoint_every == 0 or last:
                 trainer_state = {

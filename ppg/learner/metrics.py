@@ -1,4 +1,5 @@
-"""Run outputs: metrics as JSONL (one line per iteration) and TensorBoard events, and the reward plot."""
+"""Run outputs: metrics as JSONL (one line per iteration), TensorBoard events, sample conversations of
+the training batch (``samples/iter_N.md``, also as TensorBoard text), and the reward plot."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from ppg.files import atomic_save_figure
+from ppg.files import atomic_save_figure, atomic_write_text
+
+SAMPLES = "samples"
 
 
 class MetricsWriter:
@@ -31,9 +34,51 @@ class MetricsWriter:
                     self.tb.add_scalar(key, value, iteration)
             self.tb.flush()
 
+    def write_samples(self, iteration: int, episodes: list, count: int = 3) -> Path:
+        """``count`` conversations of an iteration's batch (one per group, the first groups) with their
+        per-turn rewards: ``samples/iter_<iteration+1>.md`` and TensorBoard text ``samples``."""
+        text = samples_markdown(iteration, episodes, count)
+        path = atomic_write_text(self.path.parent / SAMPLES / f"iter_{iteration + 1:06d}.md", text)
+        if self.tb is not None:
+            self.tb.add_text("samples", text, iteration)
+            self.tb.flush()
+        return path
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def md_cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ").strip() or " "
+
+
+def samples_markdown(iteration: int, episodes: list, count: int = 3) -> str:
+    chosen, groups = [], set()
+    for e in episodes:
+        if e.group_id not in groups and len(chosen) < count:
+            chosen.append(e)
+            groups.add(e.group_id)
+    out = [f"# Iteration {iteration + 1}: {len(chosen)} of the batch's {len(episodes)} conversations"]
+    for e in chosen:
+        users = [m["content"] for m in e.messages if m["role"] == "user"]
+        replies = [m["content"] for m in e.messages if m["role"] == "assistant"]
+        out += [
+            "",
+            f"## persona {e.persona_id}, group {e.group_id}, policy version {e.policy_version}: "
+            f"return {sum(e.rewards):+.2f}, mean reward per turn {sum(e.rewards) / max(1, len(e.rewards)):+.3f}",
+            "",
+            f"> system: {md_cell(e.messages[0]['content'])}" if e.messages[0]["role"] == "system" else "",
+            "",
+            "| turn | user | agent | reward |",
+            "| --- | --- | --- | --- |",
+        ]
+        for t, reply in enumerate(replies):
+            user = md_cell(users[t]) if t < len(users) else " "
+            reward = f"{e.rewards[t]:+.2f}" if t < len(e.rewards) else " "
+            out.append(f"| {t + 1} | {user} | {md_cell(reply)} | {reward} |")
+    return "\n".join(out) + "\n"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -23,7 +23,7 @@ from ppg.models.tiny import TinyModelSpec, init_model, num_parameters, save_mode
 from ppg.models.tokenizer import Message, conversation_texts, train_tokenizer
 
 EMBEDDED_PREFIX = "embedded:"
-RECIPE_VERSION = "tiny-llama-v3"
+RECIPE_VERSION = "tiny-llama-v4"
 """Bump when the build code changes in a way the spec does not capture: it invalidates old caches."""
 BUILD_INFO = "ppg_build.json"
 
@@ -39,7 +39,7 @@ class EmbeddedRecipe(BaseModel):
 
     model: TinyModelSpec = Field(default_factory=TinyModelSpec)
     sft: SFTSpec = Field(default_factory=SFTSpec)
-    num_conversations: PositiveInt = 800
+    num_conversations: PositiveInt = 1600
     corpus_seed: int = 0
 
 
