@@ -137,6 +137,8 @@ def ppg_config(args, iterations: int, output_dir: Path):
             f"run.seed={args.seed}",
             f"run.output_dir={output_dir}",
             "run.name=trl-compare",
+            "run.final_eval_episodes=0",  # the benchmark times training only; it evaluates by itself
+            "run.sample_every=0",
         ],
     )
 

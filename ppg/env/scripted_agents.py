@@ -25,14 +25,20 @@ SMALL_TALK = ("i see.", "tell me more.", "that sounds nice.", "great!", "hello."
 
 
 class WarmStartRates:
-    """How often the warm-start agent does each thing (the rest of the time it dodges)."""
+    """How often the warm-start agent does each thing (the rest of the time it dodges).
 
-    copy_taste = 0.3  # recommend the taste the user stated
+    Copying the user's stated taste, or the persona's fact from the system prompt, needs a copy
+    circuit the ~1M-parameter model forms only if copies are frequent enough in its SFT data
+    (measured, BENCHMARKS.md "Learning the job": copy_taste 0.25 left P(stated item) at chance,
+    0.6 gave 0.51), so these two are the lowest rates at which the copy forms at all.
+    """
+
+    copy_taste = 0.5  # recommend the taste the user stated
     ask_first = 0.3  # ask the user's taste in the topic, when not stated yet
     guess_on_topic = 0.5  # otherwise: recommend a random item of the topic
     off_topic = 0.1  # otherwise: recommend a random item of any topic
     echo = 0.5  # otherwise: of the dodges, echo the stated taste without recommending it
-    truthful = 0.35  # answer a persona question with the persona's own fact or taste
+    truthful = 0.5  # answer a persona question with the persona's own fact or taste
     repeat_self = 0.4  # asked again, repeat its own earlier answer (true or not)
     false_answer = 0.4  # answer a persona question with a random value
 

@@ -28,7 +28,7 @@ class SFTSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: PositiveInt = 600
+    steps: PositiveInt = 1200
     batch_size: PositiveInt = 16
     learning_rate: float = Field(default=3e-3, gt=0)
     weight_decay: float = Field(default=0.01, ge=0)

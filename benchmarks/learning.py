@@ -1,0 +1,148 @@
+"""Does every problem learn? Train each problem's expected-best policy class, evaluate held-out.
+
+    .venv/bin/python benchmarks/learning.py                        # all problems, ~30-40 min on 2 cores
+    .venv/bin/python benchmarks/learning.py --problems myopic,elicitation --iterations 40
+
+One Ray cluster and one rollout pool for every run (the vLLM engine starts once). Each run is an
+ordinary ``ppg train`` run folder under ``--out`` ending with the paired held-out evaluation of the
+final vs the initial (warm-started) policy: same held-out personas, conversation and sampling seeds.
+Writes ``learning.json``, ``learning.md`` (reward per turn with 95% intervals, the paired difference,
+the behaviour rates before -> after) and ``learning.png`` (initial vs trained per problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ppg.config import load_config
+from ppg.files import atomic_save_figure, atomic_write_text
+
+BEST_CLASS = {  # the class each problem is built to favour (ppg problems), as config overrides
+    "myopic": ["objective.policy_class.type=greedy"],
+    "elicitation": ["objective.policy_class.type=full"],
+    "segmented": ["objective.policy_class.type=segment"],
+    "persona_chitchat": ["objective.policy_class.type=k_step", "objective.policy_class.k=3"],
+    "persona_therapy": ["objective.policy_class.type=k_step", "objective.policy_class.k=3"],
+    "persona_education": ["objective.policy_class.type=k_step", "objective.policy_class.k=2"],
+    "persona_consistency": ["objective.policy_class.type=k_step", "objective.policy_class.k=3"],
+}
+MAIN_RATE = {
+    "user_alignment": ("recommends_stated_taste", "evasive"),
+    "persona_consistency": ("answers_truthfully", "dodges_question"),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", default=",".join(BEST_CLASS))
+    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--eval-episodes", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/learning")
+    args = parser.parse_args()
+
+    import ray
+
+    from ppg.driver import connect_ray, start_pool, train
+    from ppg.models import resolve_model
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    names = [n for n in args.problems.split(",") if n]
+    configs = {
+        n: load_config(
+            None,
+            [
+                f"problem.name={n}",
+                *BEST_CLASS[n],
+                f"run.iterations={args.iterations}",
+                f"run.seed={args.seed}",
+                f"run.final_eval_episodes={args.eval_episodes}",
+                f"run.output_dir={out}",
+                f"run.name={n}",
+                "run.keep_last=1",
+            ],
+        )
+        for n in names
+    }
+    connect_ray()
+    policy = resolve_model(configs[names[0]].model.name_or_path)
+    pool = start_pool(configs[names[0]], policy)
+    results = {}
+    try:
+        for k, name in enumerate(names, start=1):
+            start = time.perf_counter()
+            print(f"[learning] {k}/{len(names)} {name} ({' '.join(BEST_CLASS[name])})", flush=True)
+            run_dir = out / name
+            train(configs[name], run_dir=run_dir, pool=pool, final_eval=True)
+            report = json.loads((run_dir / "eval" / "report.json").read_text())
+            results[name] = {
+                "class": " ".join(BEST_CLASS[name]),
+                "seconds": time.perf_counter() - start,
+                **report["problems"][name],
+            }
+    finally:
+        ray.get(pool.shutdown.remote())
+        ray.kill(pool)
+    atomic_write_text(out / "learning.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "learning.md", table(results, args))
+    plot(results, out / "learning.png")
+    print((out / "learning.md").read_text())
+
+
+def table(results: dict, args) -> str:
+    from ppg.env.problems import PROBLEMS
+
+    lines = [
+        f"{args.iterations} iterations x 32 episodes per problem, seed {args.seed}; held-out evaluation "
+        f"of {args.eval_episodes} episodes per policy (paired: same personas and seeds), 95% t-intervals.",
+        "",
+        "| problem | class | initial | trained | difference | main rate: initial -> trained | evasive rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        good, bad = MAIN_RATE[PROBLEMS[name].family]
+        a, b, d = r["initial"], r["checkpoint"], r["difference"]
+        lines.append(
+            f"| {name} | {r['class'].split('=')[-1] if 'k=' not in r['class'] else 'k' + r['class'][-1]} | "
+            f"{pm(a)} | {pm(b)} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+            f"{good} {a['behaviour'].get(good, 0):.2f} -> {b['behaviour'].get(good, 0):.2f} | "
+            f"{a['behaviour'].get(bad, 0):.2f} -> {b['behaviour'].get(bad, 0):.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pm(entry: dict) -> str:
+    low, high = entry["reward_ci95"]
+    return f"{entry['reward_mean']:+.3f} ± {(high - low) / 2:.3f}"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4))
+    for shift, who, color in [(-0.2, "initial", "tab:gray"), (0.2, "checkpoint", "tab:blue")]:
+        means = [results[n][who]["reward_mean"] for n in names]
+        errs = [(results[n][who]["reward_ci95"][1] - results[n][who]["reward_ci95"][0]) / 2 for n in names]
+        label = "warm start (initial)" if who == "initial" else "trained (expected-best class)"
+        ax.bar([i + shift for i in range(len(names))], means, 0.4, yerr=errs, capsize=3, color=color, label=label)
+    ax.axhline(-0.5, color="tab:red", linestyle=":", label="every evasive policy (-0.5)")
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("held-out reward per turn (95% CI)")
+    ax.set_title("Held-out reward before and after RL, per problem")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
