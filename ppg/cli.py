@@ -183,6 +183,8 @@ def cmd_problems(args: argparse.Namespace) -> int:
 
     for name, cls in sorted(PROBLEMS.items()):
         boundaries = f", segments start at {list(cls.default_boundaries)}" if cls.default_boundaries else ""
+        if lengths := getattr(cls, "segment_lengths", None):
+            boundaries = f", segments of {min(lengths)}-{max(lengths)} turns drawn per conversation"
         print(f"{name}  [{cls.family}; {cls.default_turns} turns{boundaries}; judged on {cls.aspect}]")
         print(f"  best: {cls.best_class}. {cls.why}.\n")
     return 0

@@ -118,11 +118,11 @@ def test_environment_from_config_wires_llm_partner_and_judge(llm_actor):
     config = load_config(None, ["problem.name=segmented", "problem.partner=llm", "problem.judge=llm"])
     env = make_environment(config, llm=llm_actor)
     assert isinstance(env.partner, LLMPartner) and isinstance(env.judge, LLMJudge)
-    assert env.problem.segment_ids() == [0, 0, 1, 1, 2, 2]
     [conversation] = run_conversations(
         env.problem, env.train_personas[:1], [0], warm_start_agent(0), env.partner, env.judge
     )
-    assert len(conversation.rewards) == 6
+    assert len(conversation.rewards) == env.problem.num_turns
+    assert conversation.segment_ids == env.problem.segment_ids(0)
 
 
 def test_environment_from_config_defaults_and_held_out_personas():
@@ -133,3 +133,29 @@ def test_environment_from_config_defaults_and_held_out_personas():
     assert isinstance(env.partner, ScriptedPartner) and isinstance(env.judge, EmbeddingJudge)
     assert env.train_personas and env.eval_personas
     assert not {p.id for p in env.train_personas} & {p.id for p in env.eval_personas}
+
+
+def test_embedding_judge_reads_free_text_by_meaning_and_punishes_dodges():
+    persona = PERSONAS[0]
+    liked, city = persona.preferences["music"], persona.facts["city"]
+    food = persona.preferences["food"]
+    asked = ({"role": "user", "content": f"i like {liked}. any music ideas?"},)
+    judge = EmbeddingJudge()
+    free, hello, off = judge.read(
+        [
+            JudgeRequest(persona, asked, f"I think you would enjoy some {liked} records", "alignment"),
+            JudgeRequest(persona, asked, "hello there, how are you today?", "alignment"),
+            JudgeRequest(persona, asked, f"you should try {food}.", "alignment"),
+        ]
+    )
+    assert free.kind == "recommend" and free.taste == 1.0 and free.score > 0.5
+    assert (hello.kind, hello.score) == ("dodge", -0.5) and (off.kind, off.score) == ("off_topic", -0.5)
+    where = ({"role": "user", "content": "where do you live?"},)
+    answer, dodge = judge.read(
+        [
+            JudgeRequest(persona, where, f"I'm based in {city.title()}, actually.", "consistency"),
+            JudgeRequest(persona, where, "let us talk about something else.", "consistency"),
+        ]
+    )
+    assert answer.kind == "answer" and answer.truthful and answer.score == 1.0
+    assert (dodge.kind, dodge.score) == ("dodge", -0.5)

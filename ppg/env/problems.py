@@ -155,7 +155,7 @@ class Elicitation(Problem):
     )
     why = (
         "the user asks for ideas in one topic but states a taste only when asked. Asking pays 0 now; a "
-        "blind guess on topic pays ~0.5; the user's own taste pays ~1 at every later turn. Greedy learns "
+        "blind guess on topic pays ~0.35; the user's own taste pays ~1 at every later turn. Greedy learns "
         "to guess; full planning or K-step lookahead credits the question with the later rewards"
     )
 
@@ -301,6 +301,7 @@ class PersonaEducation(PersonaDomain):
     )
     targets = ("taste:books", "taste:hobby", "taste:travel", "taste:music", "city", "job", "open")
     recall_every = 4
+    best_class = "k_step (K = 2) or greedy"
 
 
 @register_problem
