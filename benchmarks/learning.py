@@ -29,20 +29,27 @@ BEST_CLASS = {  # the class each problem is built to favour (ppg problems), as c
     "persona_education": ["objective.policy_class.type=k_step", "objective.policy_class.k=2"],
     "persona_consistency": ["objective.policy_class.type=k_step", "objective.policy_class.k=3"],
 }
-MAIN_RATE = {
-    "user_alignment": ("recommends_stated_taste", "evasive"),
-    "persona_consistency": ("answers_truthfully", "dodges_question"),
+RATES = {  # the behaviour rates shown per family (ppg/env/behaviour.py)
+    "user_alignment": ("recommends_stated_taste", "asks_before_recommending", "evasive"),
+    "persona_consistency": ("answers_truthfully", "contradicts_itself", "dodges_question"),
 }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", default=",".join(BEST_CLASS))
     parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument("--eval-episodes", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/learning")
+    parser.add_argument("--report-only", action="store_true", help="tables and plot from finished runs")
     args = parser.parse_args()
+    if args.report_only:
+        return write_results(
+            collect(Path(args.out).resolve(), args.problems.split(",")), Path(args.out), args
+        )
 
     import ray
 
@@ -78,15 +85,26 @@ def main() -> None:
             print(f"[learning] {k}/{len(names)} {name} ({' '.join(BEST_CLASS[name])})", flush=True)
             run_dir = out / name
             train(configs[name], run_dir=run_dir, pool=pool, final_eval=True)
-            report = json.loads((run_dir / "eval" / "report.json").read_text())
-            results[name] = {
-                "class": " ".join(BEST_CLASS[name]),
-                "seconds": time.perf_counter() - start,
-                **report["problems"][name],
-            }
+            results.update(collect(out, [name]))
+            results[name]["seconds"] = time.perf_counter() - start
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)
+    write_results(results, out, args)
+
+
+def collect(out: Path, names: list[str]) -> dict:
+    """Each finished run's held-out report (``<out>/<problem>/eval/report.json``)."""
+    results = {}
+    for name in names:
+        path = out / name / "eval" / "report.json"
+        if path.is_file():
+            report = json.loads(path.read_text())
+            results[name] = {"class": " ".join(BEST_CLASS[name]), **report["problems"][name]}
+    return results
+
+
+def write_results(results: dict, out: Path, args) -> None:
     atomic_write_text(out / "learning.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "learning.md", table(results, args))
     plot(results, out / "learning.png")
@@ -100,17 +118,21 @@ def table(results: dict, args) -> str:
         f"{args.iterations} iterations x 32 episodes per problem, seed {args.seed}; held-out evaluation "
         f"of {args.eval_episodes} episodes per policy (paired: same personas and seeds), 95% t-intervals.",
         "",
-        "| problem | class | initial | trained | difference | main rate: initial -> trained | evasive rate |",
-        "|---|---|---|---|---|---|---|",
+        "| problem | class | initial | trained | difference | behaviour: initial -> trained |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        good, bad = MAIN_RATE[PROBLEMS[name].family]
         a, b, d = r["initial"], r["checkpoint"], r["difference"]
+        rates = ", ".join(
+            f"{k} {a['behaviour'].get(k, 0):.2f} -> {b['behaviour'].get(k, 0):.2f}"
+            for k in RATES[PROBLEMS[name].family]
+        )
+        label = r["class"].split("type=")[1].split()[0] + (
+            f" k={r['class'][-1]}" if "k=" in r["class"] else ""
+        )
         lines.append(
-            f"| {name} | {r['class'].split('=')[-1] if 'k=' not in r['class'] else 'k' + r['class'][-1]} | "
-            f"{pm(a)} | {pm(b)} | {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
-            f"{good} {a['behaviour'].get(good, 0):.2f} -> {b['behaviour'].get(good, 0):.2f} | "
-            f"{a['behaviour'].get(bad, 0):.2f} -> {b['behaviour'].get(bad, 0):.2f} |"
+            f"| {name} | {label} | {pm(a)} | {pm(b)} | "
+            f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {rates} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -132,7 +154,9 @@ def plot(results: dict, path: Path) -> None:
         means = [results[n][who]["reward_mean"] for n in names]
         errs = [(results[n][who]["reward_ci95"][1] - results[n][who]["reward_ci95"][0]) / 2 for n in names]
         label = "warm start (initial)" if who == "initial" else "trained (expected-best class)"
-        ax.bar([i + shift for i in range(len(names))], means, 0.4, yerr=errs, capsize=3, color=color, label=label)
+        ax.bar(
+            [i + shift for i in range(len(names))], means, 0.4, yerr=errs, capsize=3, color=color, label=label
+        )
     ax.axhline(-0.5, color="tab:red", linestyle=":", label="every evasive policy (-0.5)")
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("held-out reward per turn (95% CI)")
