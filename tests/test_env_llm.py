@@ -158,4 +158,4 @@ def test_embedding_judge_reads_free_text_by_meaning_and_punishes_dodges():
         ]
     )
     assert answer.kind == "answer" and answer.truthful and answer.score == 1.0
-    assert (dodge.kind, dodge.score) == ("dodge", -0.5)
+    assert (dodge.kind, dodge.score) == ("dodge", -1.0)

@@ -86,14 +86,14 @@ WHERE, JOB, MUSIC_Q, OPEN = (
         (WHERE, "i live in oslo. i have a cat.", (), 1.0),  # a true extra claim adds nothing
         (MUSIC_Q, "i love jazz.", (), 1.0),
         (MUSIC_Q, "i love blues.", (), -1.0),  # asked what it likes: anything but its own taste is wrong
-        (MUSIC_Q, "i hate techno.", (), -0.5),  # true, but not what was asked: a dodge
+        (MUSIC_Q, "i hate techno.", (), -1.0),  # true, but not what was asked: unanswered
         (OPEN, "i have a cat.", (), 1.0),
         (OPEN, "i have no pets.", (), -1.0),
-        # Dodges: no claim about what was asked.
-        (WHERE, "", (), -0.5),
-        (WHERE, "that sounds nice.", (), -0.5),
-        (JOB, "hey! you should try folk.", (), -0.5),
-        (WHERE, "i have a cat.", (), -0.5),  # true, but dodging the question
+        # Dodges: no claim about what was asked scores as low as a lie (UNANSWERED).
+        (WHERE, "", (), -1.0),
+        (WHERE, "that sounds nice.", (), -1.0),
+        (JOB, "hey! you should try folk.", (), -1.0),
+        (WHERE, "i have a cat.", (), -1.0),  # true, but dodging the question
         (WHERE, "i love pizza.", (), -1.0),  # dodging with a false claim
         # Line to line: the agent's own earlier answers.
         (WHERE, "i live in oslo.", ((WHERE, "i live in lima."),), 0.0),  # true, but drifts from itself

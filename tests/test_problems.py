@@ -175,7 +175,7 @@ def test_persona_domains_ask_about_the_persona_and_reward_truth(name):
     assert len(good.rewards) == problem.num_turns and all(r == 1.0 for r in good.rewards)
     # Dodging every question is punished, not neutral.
     _, dodge = run(name, lambda t, user: "you should try folk.")
-    assert all(r == -0.5 for r in dodge.rewards)
+    assert all(r == -1.0 for r in dodge.rewards)
 
 
 def test_the_domains_differ_in_role_questions_and_recall_rate():

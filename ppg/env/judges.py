@@ -43,6 +43,11 @@ DODGE = -0.5
 back with nothing new, an answer to a question nobody asked): clearly below any honest attempt, so
 saying nothing is never a way to collect reward."""
 
+UNANSWERED = -1.0
+"""A persona question left unanswered scores as low as a false answer: playing the persona means
+answering. At -0.5 a model that could not yet recall its persona learned to dodge instead of lying
+(persona_chitchat, 60 iterations: dodges 0.12 -> 0.47, truthful answers unchanged)."""
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -79,7 +84,7 @@ class RuleJudge:
       dodge           -0.5: no recommendation and no needed question.
       Style terms count only with a recommendation, so a short polite non-answer earns nothing.
     consistency (the agent plays its persona; the user asks about it):
-      the answer      +1 true to the persona, -1 false, DODGE if the question goes unanswered
+      the answer      +1 true to the persona, -1 false, UNANSWERED (-1) if the question goes unanswered
       other claims    add -1 each if false (true ones add nothing: no padding a dodge with trivia)
       drift           -1 for each claim that contradicts the agent's own earlier lines
       no question     mean of the claims' +1 / -1, 0 with no claims; the whole clipped to [-1, 1].
@@ -147,10 +152,7 @@ class RuleJudge:
             return Verdict(_clip(mean), "statement", false_claims=false_claims, contradictions=contradictions)
         answers = [c for c in claims if question == "open" or c[0] == question]
         if not answers:
-            penalty = sum(min(0.0, truth) - drift for _, truth, drift in claims)
-            return Verdict(
-                _clip(DODGE + penalty), "dodge", false_claims=false_claims, contradictions=contradictions
-            )
+            return Verdict(UNANSWERED, "dodge", false_claims=false_claims, contradictions=contradictions)
         answer = max(answers, key=lambda c: c[1])  # the best-supported answer to the question
         rest = sum(min(0.0, c[1]) for c in claims if c is not answer)
         score = answer[1] + rest - contradictions
@@ -182,7 +184,7 @@ class EmbeddingJudge:
                   dodge            DODGE
       consistency answer           +1 the nearest claim is the persona's, else -1; -1 more for each
                                    earlier line of the agent's read as a different answer to it
-                  dodge            DODGE: a persona question and no claim about what it asked
+                  dodge            UNANSWERED: a persona question and no claim about what it asked
       Scores clipped to [-1, 1]. Thresholds were set on the reference lines' own similarities (one
       item's line vs another's 0.5-0.7, so items are told apart by the nearest line, not by a
       threshold; greetings and small talk vs any line < 0.35).
@@ -234,7 +236,7 @@ class EmbeddingJudge:
         answers = self._answer_targets()
         target, value, cos = self._nearest(reply, answers)
         if cos < self.relevant or question not in (None, "open", target):
-            return Verdict(DODGE if question else 0.0, "dodge" if question else "nothing")
+            return Verdict(UNANSWERED if question else 0.0, "dodge" if question else "nothing")
         truth = 1.0 if _persona_answers(request.persona).get(target) == value else -1.0
         earlier = [m["content"] for m in request.history if m["role"] == "assistant"]
         contradictions = 0
