@@ -157,7 +157,19 @@ def plot(results: dict, path: Path) -> None:
         ax.bar(
             [i + shift for i in range(len(names))], means, 0.4, yerr=errs, capsize=3, color=color, label=label
         )
-    ax.axhline(-0.5, color="tab:red", linestyle=":", label="every evasive policy (-0.5)")
+    from ppg.env.judges import DODGE, UNANSWERED
+    from ppg.env.problems import PROBLEMS
+
+    for i, n in enumerate(names):  # what an agent that always evades scores on this problem
+        level = DODGE if PROBLEMS[n].family == "user_alignment" else UNANSWERED
+        ax.hlines(
+            level,
+            i - 0.45,
+            i + 0.45,
+            colors="tab:red",
+            linestyles=":",
+            label="always evasive" if i == 0 else None,
+        )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("held-out reward per turn (95% CI)")
     ax.set_title("Held-out reward before and after RL, per problem")
