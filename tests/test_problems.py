@@ -103,7 +103,7 @@ def test_segmented_segments_vary_per_conversation_and_credit_stays_inside_each()
         lengths = [b - a for a, b in zip((0, *starts), (*starts, problem.num_turns), strict=True)]
         assert all(1 <= n <= 4 for n in lengths) and len(lengths) <= len(dialogue.CATEGORIES)
     assert any(
-        1 in [b - a for a, b in zip((0, *problem.boundaries(s)), (*problem.boundaries(s), 8))]
+        1 in [b - a for a, b in zip((0, *problem.boundaries(s)), (*problem.boundaries(s), 8), strict=True)]
         for s in range(40)
     )
 
