@@ -303,3 +303,25 @@ def test_train_cli_refuses_bad_config_and_missing_run(tmp_path):
         [exe, "eval", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
     )
     assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr
+
+
+def test_importance_weights_apply_only_to_stale_episodes(model_path, episodes):
+    """On-policy episodes (sampled by the learner's own version) are never weighted: the sampler's
+    log-probs differ from the learner's by numerical noise only, which must not enter the update."""
+    advantages = global_advantages(episodes, Objective(policy_class=Greedy(), baseline=GroupMean()))
+    tokens = sum(sum(e.agent_mask) for e in episodes)
+
+    def grads(behaviour_noise: float, version: int | None):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        learner = PolicyLearner(model, Objective(), LearnerConfig(lr=1e-3, grad_clip=1e9), total_steps=1)
+        batch = collate(episodes)
+        if behaviour_noise is not None:
+            batch.behaviour_logprobs = -1.0 + behaviour_noise * torch.rand(batch.token_ids.shape)
+        learner.step(batch, advantages, len(episodes), tokens, version)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    version = episodes[0].policy_version
+    plain = grads(None, None)
+    assert torch.equal(grads(0.5, version), plain)  # on-policy: the sampler's log-probs are ignored
+    assert not torch.allclose(grads(0.5, version + 1), plain)  # one version old: weighted

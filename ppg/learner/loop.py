@@ -132,7 +132,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         mine = list(range(rank, len(episodes), world))
         shard = collate([episodes[i] for i in mine])
         all_agent_tokens = sum(sum(e.agent_mask) for e in episodes)
-        stats = learner.step(shard, advantages[mine], len(episodes), all_agent_tokens)
+        stats = learner.step(shard, advantages[mine], len(episodes), all_agent_tokens, version)
         version += 1
         t_update = time.perf_counter()
 

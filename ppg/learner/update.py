@@ -82,9 +82,17 @@ class PolicyLearner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config, total_steps))
 
     def step(
-        self, shard: EpisodeBatch, advantages: Tensor, global_episodes: int, global_agent_tokens: int
+        self,
+        shard: EpisodeBatch,
+        advantages: Tensor,
+        global_episodes: int,
+        global_agent_tokens: int,
+        version: int | None = None,
     ) -> UpdateStats:
-        """Update on this rank's shard; ``global_*`` are counts over the whole batch (all ranks)."""
+        """Update on this rank's shard; ``global_*`` are counts over the whole batch (all ranks).
+        ``version``: the learner's policy version; episodes sampled by it are on-policy and get no
+        importance weight (the sampler's and the learner's log-probs differ by numerical noise only,
+        which must not enter the update). None: every episode with log-probs is weighted."""
         self.model.train()
         ids, attention = shard.token_ids, shard.attention_mask
         positions = (attention.long().cumsum(1) - 1).clamp(min=0)
@@ -96,7 +104,8 @@ class PolicyLearner:
         if self.config.off_policy == "importance" and shard.behaviour_logprobs is not None:
             # Truncated per-token importance weights pi_now / pi_behaviour for stale episodes.
             ratio = torch.exp((logprobs.detach() - shard.behaviour_logprobs).clamp(max=20.0))
-            weights = torch.where(agent, ratio.clamp(max=self.config.importance_clip), torch.ones_like(ratio))
+            stale = agent if version is None else agent & (shard.policy_versions < version)[:, None]
+            weights = torch.where(stale, ratio.clamp(max=self.config.importance_clip), torch.ones_like(ratio))
 
         # policy_gradient_loss normalises by this shard; rescale to the global normaliser, times the
         # world size that DDP's all-reduce averages over.
