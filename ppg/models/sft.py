@@ -24,7 +24,7 @@ IGNORE_INDEX = -100
 
 
 class SFTSpec(BaseModel):
-    """Warm-start settings; the defaults finish in about 5 minutes on 2 CPU cores. Fewer steps leave
+    """Warm-start settings; the defaults finish in about 6 minutes on 2 CPU cores. Fewer steps leave
     the model unable to copy a word from its context (the stated taste, its persona's facts), which
     every problem's reward depends on: 300 steps gave P(stated item) at chance, 1200 gave 0.33."""
 
