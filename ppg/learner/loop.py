@@ -60,6 +60,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.run.seed + rank)
+    # The float sums of an update depend on how many threads split them; fix the count from the
+    # reserved CPUs, not the inherited environment, so a resumed run repeats its killed twin exactly.
+    if not config.learner.use_gpu:
+        torch.set_num_threads(max(1, int(config.learner.cpus_per_worker)))
 
     model = AutoModelForCausalLM.from_pretrained(loop_config["policy_path"], dtype=torch.float32)
     reference = None
