@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ppg.env.llm import ChatLLM, JudgeParseError, parse_score, vllm_env
+from ppg.env.llm import ChatLLM, JudgeParseError, parse_score
+from ppg.rollout.engine import vllm_env
 
 # ----------------------------------------------------------------------------------------------------
 # parse_score

