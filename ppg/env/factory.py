@@ -1,7 +1,8 @@
 """Build the environment a config names: problem, personas (train / held-out), partner and judge.
 
 LLM partners and judges share one vLLM actor (``problem.partner_model``, or the policy's own model
-when unset), started here on first need; pass ``llm`` to reuse an engine that is already running.
+when unset). The driver starts it (``ppg.driver.start_workers_chat_llm``) because it alone knows the
+cluster's resources and stops it at the end; here it is only passed in as ``llm``.
 """
 
 from __future__ import annotations
@@ -31,20 +32,11 @@ def make_environment(config: PPGConfig, llm: Any = None) -> Environment:
     train, held_out = split_personas(load_personas(config.problem.personas_file))
     needs_llm = config.problem.partner == "llm" or config.problem.judge == "llm"
     if needs_llm and llm is None:
-        llm = start_shared_llm(config)
+        raise ValueError(
+            "problem.partner or problem.judge is 'llm': pass the shared LLM client as llm= "
+            "(the driver starts it: ppg.driver.start_workers_chat_llm)"
+        )
     partner: Partner = LLMPartner(llm) if config.problem.partner == "llm" else ScriptedPartner()
     judges = {"rule": RuleJudge, "embedding": EmbeddingJudge, "llm": lambda: LLMJudge(llm)}
     judge: Judge = judges[config.problem.judge]()
     return Environment(problem, train, held_out, partner, judge, llm)
-
-
-def start_shared_llm(config: PPGConfig) -> Any:
-    import ray
-
-    from ppg.env.llm import RemoteChatLLM, start_chat_llm_actor
-    from ppg.models import resolve_model
-
-    path = resolve_model(config.problem.partner_model or config.model.name_or_path)
-    actor = start_chat_llm_actor(path, num_cpus=1, trust_remote_code=config.model.trust_remote_code)
-    ray.get(actor.ready.remote())
-    return RemoteChatLLM(actor)
