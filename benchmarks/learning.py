@@ -53,8 +53,9 @@ def main() -> None:
 
     import ray
 
-    from ppg.driver import connect_ray, start_pool, train
+    from ppg.driver import start_pool, train
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def main() -> None:
         )
         for n in names
     }
-    connect_ray()
+    connect()
     policy = resolve_model(configs[names[0]].model.name_or_path)
     pool = start_pool(configs[names[0]], policy)
     results = {}

@@ -26,7 +26,10 @@ import os
 import sys
 import time
 
-POOL_ACTOR = "ppg-rollout-pool"  # ppg.learner.loop.POOL_ACTOR; not imported, so no torch import here
+import ray
+
+from ppg.ray_session import POOL_ACTOR
+
 WORKER_CLASS = "RolloutWorker"
 
 
@@ -36,8 +39,6 @@ class ScaleError(RuntimeError):
 
 def find_pool(namespace: str | None, wait_s: float) -> tuple[str, object]:
     """The pool actor's namespace and handle; waits up to ``wait_s`` seconds for a run to create it."""
-    import ray
-
     deadline = time.monotonic() + wait_s
     while True:
         found = [
@@ -91,8 +92,6 @@ def shortfall(demand: dict[str, float], extra_workers: int, available: dict[str,
 
 
 def scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending: bool) -> dict[str, int]:
-    import ray
-
     ns, pool = find_pool(namespace, wait_s)
     before = ray.get(pool.versions.remote())  # also waits until the pool's first workers are up
     extra = num_workers - len(before)
@@ -134,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error("num_workers must be >= 1")
-
-    import ray
 
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
     try:

@@ -56,6 +56,11 @@ class ProblemConfig(Section):
         default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path"
     )
 
+    @property
+    def uses_llm(self) -> bool:
+        """The partner or the judge is an LLM: a shared vLLM chat actor must run for the workers."""
+        return "llm" in (self.partner, self.judge)
+
     @model_validator(mode="after")
     def _boundaries_inside(self) -> ProblemConfig:
         b = self.segment_boundaries

@@ -198,7 +198,6 @@ def test_scale_rollout_capacity_check_and_arguments(capsys):
     assert scale.shortfall(demand, 1, {"CPU": 2.0, "ppg_rollout": 1.0}) == {}
     assert scale.shortfall(demand, 2, {"CPU": 2.0, "ppg_rollout": 1.0}) == {"ppg_rollout": (2.0, 1.0)}
     assert scale.shortfall(demand, 1, {"CPU": 0.5}) == {"CPU": (1.0, 0.5), "ppg_rollout": (1.0, 0.0)}
-    assert scale.POOL_ACTOR == __import__("ppg.learner.loop", fromlist=["POOL_ACTOR"]).POOL_ACTOR
     with pytest.raises(SystemExit) as e:
         scale.main(["0"])
     assert e.value.code == 2 and "num_workers must be >= 1" in capsys.readouterr().err

@@ -149,3 +149,12 @@ def load_suite(path: str | Path) -> Suite:
             except ConfigError as e:
                 raise SuiteError(f"{path}: problem {problem!r} x class {label!r}: {e}") from None
     return suite
+
+
+# The output folder's layout (see ppg/experiment/runner.py): the runner writes it, the report reads it.
+def cell_dir(out: Path, problem: str, label: str, seed: int) -> Path:
+    return out / "runs" / problem / label / f"seed{seed}"
+
+
+def pilot_path(out: Path, problem: str, seed: int) -> Path:
+    return out / "pilots" / f"{problem}-seed{seed}.json"

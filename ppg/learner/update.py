@@ -29,14 +29,17 @@ def global_advantages(episodes: list[Episode], objective: Objective) -> Tensor:
     return objective.advantages(batch.rewards, batch.valid, batch.segment_ids, batch.group_ids)
 
 
-def check_staleness(episodes: list[Episode], version: int, max_staleness: int) -> list[Episode]:
-    """Episodes within the staleness bound; the learner never mixes in older ones silently."""
-    fresh = [e for e in episodes if version - e.policy_version <= max_staleness]
+def check_staleness(
+    episodes: list[Episode], version: int, max_staleness: int, off_policy: str = "importance"
+) -> list[Episode]:
+    """The episodes the learner may use at ``version``: within the staleness bound, and only
+    on-policy ones when ``off_policy`` is "reject". Nothing older is ever mixed in silently."""
     if any(e.policy_version > version for e in episodes):
         raise StaleEpisodeError(
             f"episodes from a future policy version (> {version}): the version bookkeeping is broken"
         )
-    return fresh
+    bound = 0 if off_policy == "reject" else max_staleness
+    return [e for e in episodes if version - e.policy_version <= bound]
 
 
 def lr_lambda(config: LearnerConfig, total_steps: int):

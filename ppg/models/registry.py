@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from ppg.env.corpus import sft_conversations
 from ppg.models.sft import SFTResult, SFTSpec, train_sft
 from ppg.models.tiny import TinyModelSpec, init_model, num_parameters, save_model_folder
 from ppg.models.tokenizer import Message, conversation_texts, train_tokenizer
@@ -175,8 +176,6 @@ _CACHE_KEYS: dict[EmbeddedRecipe, str] = {}
 
 
 def _corpus(recipe: EmbeddedRecipe) -> list[list[dict]]:
-    from ppg.env.corpus import sft_conversations  # lazy: the env package is heavier than this module
-
     return sft_conversations(recipe.num_conversations, recipe.corpus_seed)
 
 
