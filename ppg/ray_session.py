@@ -9,6 +9,9 @@ those actors.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -25,3 +28,10 @@ def connect(num_cpus: int | None = None) -> None:
     else:
         # address="local": always a new cluster, never one a `ray start` left on this machine
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def shareable_weights(weights: Mapping[str, Any] | str | Path) -> str | ray.ObjectRef:
+    """Weights in the form that crosses processes cheaply: a checkpoint folder as its path (each
+    reader loads it), a state dict put into the object store once (every worker reads the same
+    object; an ObjectRef also survives the caller that sent it)."""
+    return str(weights) if isinstance(weights, (str, Path)) else ray.put(dict(weights))
