@@ -223,6 +223,31 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each bad field path and what it accepts."""
 
 
+def check_trainable(config: PPGConfig) -> PPGConfig:
+    """Combinations that validate field by field but cannot train correctly; refused before any
+    process starts (``ppg train``, every cell of ``ppg experiment``). ``ppg eval`` and ``ppg serve``
+    may sample at any temperature: only training needs the sampler and the learner to agree."""
+    problems = []
+    r, learner = config.rollout, config.learner
+    if config.run.async_rollouts and (learner.max_staleness < 1 or learner.off_policy == "reject"):
+        problems.append(
+            "run.async_rollouts=true samples each batch one policy version behind the learner, so "
+            f"learner.max_staleness={learner.max_staleness} / learner.off_policy={learner.off_policy} "
+            "would drop every batch: set learner.max_staleness=1 and learner.off_policy=importance, "
+            "or run.async_rollouts=false"
+        )
+    if r.temperature != 1.0 or r.top_p != 1.0:
+        problems.append(
+            f"rollout.temperature={r.temperature} / rollout.top_p={r.top_p}: the learner scores "
+            "replies under the model's own distribution (temperature 1, no truncation), so training "
+            "samples must come from it too; set rollout.temperature=1 and rollout.top_p=1 (sample "
+            "otherwise in ppg eval or ppg serve)"
+        )
+    if problems:
+        raise ConfigError("config cannot train:\n  " + "\n  ".join(problems))
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PPGConfig:
     """Defaults <- YAML file <- ``a.b.c=value`` overrides (values parsed as YAML scalars)."""
     raw: dict[str, Any] = {}

@@ -16,7 +16,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ppg.config import PPGConfig, load_config
+from ppg.config import PPGConfig, check_trainable, load_config
 from ppg.env.llm import start_chat_llm_actor
 from ppg.evaluate import final_evaluation
 from ppg.files import atomic_write_text
@@ -61,11 +61,12 @@ def train(
     resume_from = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        config = load_config(run_dir / "config.yaml", overrides)
+        config = check_trainable(load_config(run_dir / "config.yaml", overrides))
         resume_from = latest_checkpoint(run_dir)
         policy_path = str(validate_checkpoint(resume_from))
     else:
         assert config is not None
+        check_trainable(config)
         run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from ppg.config import ConfigError, PPGConfig, load_config
+from ppg.config import ConfigError, PPGConfig, check_trainable, load_config
 from ppg.objectives import PolicyClass
 
 
@@ -145,7 +145,7 @@ def load_suite(path: str | Path) -> Suite:
     for problem in suite.problems:  # every cell must be a valid run before anything starts
         for label in suite.classes_for(problem):
             try:
-                suite.config(problem, label, suite.seeds[0])
+                check_trainable(suite.config(problem, label, suite.seeds[0]))
             except ConfigError as e:
                 raise SuiteError(f"{path}: problem {problem!r} x class {label!r}: {e}") from None
     return suite

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ppg.config import LearnerConfig
 from ppg.episode import Episode, EpisodeBatch, collate
-from ppg.loss import policy_gradient_loss, token_logprobs
+from ppg.loss import kl_penalty, policy_gradient_loss, token_logprobs
 from ppg.objectives import Objective
 
 
@@ -129,11 +129,10 @@ class PolicyLearner:
                 ref_logits = self.reference(
                     input_ids=ids, attention_mask=attention.long(), position_ids=positions
                 ).logits
-            ref_logprobs = token_logprobs(ref_logits, ids)
-            delta = (ref_logprobs - logprobs).clamp(-20, 20)
-            per_token = torch.exp(delta) - delta - 1  # k3: unbiased, non-negative estimate of KL(pi || ref)
-            kl = (per_token * agent).sum() / agent.sum().clamp(min=1)
-        loss = pg_loss + self.config.kl_coef * kl * scale
+            kl_loss, kl = kl_penalty(logprobs, token_logprobs(ref_logits, ids), agent)
+            loss = pg_loss + self.config.kl_coef * kl_loss * scale
+        else:
+            loss = pg_loss
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
