@@ -261,11 +261,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(format_validation_error(e, source=str(path) if path else "config")) from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML without implicit timestamps: no config field is a date, and ``run.name=2024-01-01`` must
+    stay the string it was written as."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
@@ -290,7 +305,7 @@ def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
             f"override {override!r} must look like section.field=value, e.g. objective.gamma=0.9"
         )
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = parse_yaml(value_text) if value_text.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
     out = copy.deepcopy(raw)

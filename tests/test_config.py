@@ -202,6 +202,14 @@ def test_combinations_that_cannot_train_are_refused_before_anything_starts(
     check_trainable(load_config(None, ok))  # the supported asynchronous setting passes
 
 
+def test_date_like_values_stay_strings(tmp_path):
+    assert load_config(None, ["run.name=2024-01-01"]).run.name == "2024-01-01"
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: 2024-01-01\n")
+    assert load_config(path).run.name == "2024-01-01"
+    assert load_config(None, ["run.seed=7"]).run.seed == 7  # other scalars keep their types
+
+
 def test_ppg_help_shows_an_example():
     result = run_ppg("config", "show", "--help")
     assert result.returncode == 0

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from ppg.config import ConfigError, PPGConfig, check_trainable, load_config
+from ppg.config import ConfigError, PPGConfig, check_trainable, load_config, parse_yaml
 from ppg.objectives import PolicyClass
 
 
@@ -135,7 +135,7 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist (see experiments/*.yaml for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
         suite = Suite.model_validate(raw)
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: not valid YAML: {e}") from None
