@@ -47,7 +47,10 @@ def find_pool(namespace: str | None, wait_s: float) -> tuple[str, object]:
             if a["name"] == POOL_ACTOR and namespace in (None, a["namespace"])
         ]
         if len(found) == 1:
-            return found[0], ray.get_actor(POOL_ACTOR, namespace=found[0])
+            try:
+                return found[0], ray.get_actor(POOL_ACTOR, namespace=found[0])
+            except ValueError:  # it ended between the listing and the lookup
+                found = []
         if len(found) > 1:
             raise ScaleError(
                 f"{len(found)} runs have a rollout pool (namespaces {', '.join(sorted(found))}); "
@@ -92,6 +95,18 @@ def shortfall(demand: dict[str, float], extra_workers: int, available: dict[str,
 
 
 def scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending: bool) -> dict[str, int]:
+    """Resize, or a ScaleError naming what happened: a run that ends (or whose pool dies) while the
+    request is under way is an ordinary outcome, not a crash."""
+    try:
+        return _scale(num_workers, namespace, wait_s, allow_pending)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise ScaleError(
+            "the rollout pool stopped while it was being resized (the training run ended or lost its "
+            f"pool: {type(e).__name__}); nothing more to scale. If a run is still going, try again."
+        ) from None
+
+
+def _scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending: bool) -> dict[str, int]:
     ns, pool = find_pool(namespace, wait_s)
     before = ray.get(pool.versions.remote())  # also waits until the pool's first workers are up
     extra = num_workers - len(before)
