@@ -186,6 +186,12 @@ class RunConfig(Section):
     iterations: PositiveInt = 60
     checkpoint_every: PositiveInt = 10
     keep_last: PositiveInt = 3
+    max_failures: int = Field(
+        default=3,
+        ge=0,
+        description="learner worker failures survived per run: Ray Train restarts the learner, which "
+        "continues exactly from the last checkpoint (run.checkpoint_every bounds the lost work)",
+    )
     async_rollouts: bool = Field(
         default=False, description="overlap the next iteration's rollouts with the update"
     )

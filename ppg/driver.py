@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ppg.config import PPGConfig, check_trainable, load_config
@@ -71,6 +72,12 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None
     atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    # Said first, so that it is on the screen whatever ends this process (even SIGKILL): the
+    # learner survives its own failures (run.max_failures), the driver's need this command.
+    print(
+        f"[ppg] run folder {run_dir}; if this process dies, continue with: ppg train --resume {run_dir}",
+        flush=True,
+    )
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
@@ -162,6 +169,7 @@ def fit(
             "reference_path": reference_path,
             "tokenizer_dir": reference_path,
             "resume_from": str(resume_from) if resume_from else None,
+            "attempt_token": uuid.uuid4().hex,  # tells a restarted learner from the first one
         },
         scaling_config=ScalingConfig(
             num_workers=learner.num_workers,
@@ -169,6 +177,10 @@ def fit(
             resources_per_worker={"CPU": learner.cpus_per_worker, **learner.resources},
         ),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
-        run_config=RunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(
+            name="learner",
+            storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
     )
     trainer.fit()

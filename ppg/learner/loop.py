@@ -13,6 +13,7 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 import ray.train
@@ -25,12 +26,21 @@ from transformers import AutoModelForCausalLM
 from ppg.config import PPGConfig
 from ppg.env.personas import load_personas, split_personas
 from ppg.episode import Episode, collate
-from ppg.learner.checkpoint import load_state, prune_checkpoints, save_checkpoint
+from ppg.files import atomic_write_text
+from ppg.learner.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from ppg.learner.metrics import MetricsWriter
 from ppg.learner.update import PolicyLearner, UpdateStats, check_staleness, global_advantages
 from ppg.policy_registry import publish_policy
 from ppg.ray_session import POOL_ACTOR
 from ppg.rollout.pool import plan_requests
+
+ATTEMPT_MARKER = ".learner-attempt"  # the run's attempt token: present = this learner is a restart
 
 
 def batch_fingerprint(episodes: list[Episode]) -> str:
@@ -101,6 +111,10 @@ class BatchCollector:
             },
         )
 
+    def restart_from(self, version: int, policy: Path) -> None:
+        """Every rollout worker back to a checkpoint's weights and version."""
+        ray.get(self.pool.update_weights.remote(version, str(policy)))
+
     def publish(self, version: int, model: torch.nn.Module) -> int:
         """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
         weights = ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
@@ -114,8 +128,25 @@ class BatchCollector:
         return len(acks)
 
 
-def build_learner(config: PPGConfig, loop_config: dict, world: int) -> PolicyLearner:
-    model = AutoModelForCausalLM.from_pretrained(loop_config["policy_path"], dtype=torch.float32)
+def starting_checkpoint(loop_config: dict) -> str | None:
+    """Where this attempt of the learner starts (rank 0 decides). The first attempt starts where the
+    driver said: a new run, or ``--resume``'s checkpoint. A later attempt is Ray Train restarting the
+    learner after a worker died (``run.max_failures``): it continues from the run's newest
+    checkpoint, exactly as ``--resume`` would."""
+    run_dir = Path(loop_config["run_dir"])
+    marker = run_dir / ATTEMPT_MARKER
+    restarted = marker.is_file() and marker.read_text() == loop_config["attempt_token"]
+    atomic_write_text(marker, loop_config["attempt_token"])
+    if restarted and list_checkpoints(run_dir):
+        latest = latest_checkpoint(run_dir)
+        print(f"[ppg] the learner restarted after a failure; continuing from {latest}", flush=True)
+        return str(latest)
+    return loop_config.get("resume_from")
+
+
+def build_learner(config: PPGConfig, loop_config: dict, world: int, checkpoint: str | None) -> PolicyLearner:
+    start = Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"]
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
     reference = None
     if config.learner.kl_coef > 0:
         reference = AutoModelForCausalLM.from_pretrained(loop_config["reference_path"], dtype=torch.float32)
@@ -195,12 +226,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # reserved CPUs, not the inherited environment, so a resumed run repeats its killed twin exactly.
     if not config.learner.use_gpu:
         torch.set_num_threads(max(1, int(config.learner.cpus_per_worker)))
-    learner = build_learner(config, loop_config, world)
+    checkpoint = broadcast_from_rank_zero(starting_checkpoint(loop_config) if rank == 0 else None)
+    learner = build_learner(config, loop_config, world, checkpoint)
     model = learner.model.module if hasattr(learner.model, "module") else learner.model
-    state = restore(learner, loop_config.get("resume_from"), rank)
+    state = restore(learner, checkpoint, rank)
     version, first, last = state["policy_version"], state["iteration"], config.run.iterations
     if rank == 0:
         collector, metrics = BatchCollector(config), MetricsWriter(loop_config["run_dir"])
+        if checkpoint:  # the workers may hold newer weights than the checkpoint (a restart)
+            collector.restart_from(version, Path(checkpoint) / "policy")
     start = time.perf_counter()
 
     for iteration in range(first, last):
