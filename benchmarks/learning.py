@@ -53,8 +53,9 @@ def main() -> None:
 
     import ray
 
-    from ppg.driver import connect_ray, start_pool, train
+    from ppg.driver import start_pool, train
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -75,7 +76,7 @@ def main() -> None:
         )
         for n in names
     }
-    connect_ray()
+    connect()
     policy = resolve_model(configs[names[0]].model.name_or_path)
     pool = start_pool(configs[names[0]], policy)
     results = {}
@@ -100,11 +101,46 @@ def collect(out: Path, names: list[str]) -> dict:
         path = out / name / "eval" / "report.json"
         if path.is_file():
             report = json.loads(path.read_text())
-            results[name] = {"class": " ".join(BEST_CLASS[name]), **report["problems"][name]}
+            config = load_config(out / name / "config.yaml")
+            results[name] = {
+                "class": " ".join(BEST_CLASS[name]),
+                "iterations": config.run.iterations,
+                "episodes_per_iteration": config.rollout.episodes_per_iteration,
+                "eval_episodes": report["episodes"],
+                **report["problems"][name],
+            }
     return results
 
 
+def best_evasive(name: str, episodes: int = 96) -> dict:
+    """The best-scoring scripted evasive agent (``EVASIONS``) on held-out personas, rule judge and
+    scripted partner as in training: what a policy that games the reward would get. A trained policy
+    must beat it, or it learned nothing an evasion would not."""
+    import statistics
+
+    from ppg.env.conversation import run_conversations
+    from ppg.env.judges import RuleJudge
+    from ppg.env.partners import ScriptedPartner
+    from ppg.env.personas import load_personas, split_personas
+    from ppg.env.problems import make_problem
+    from ppg.env.scripted_agents import EVASIONS, evasive_agent
+
+    problem = make_problem(load_config(None, [f"problem.name={name}"]).problem)
+    _, held_out = split_personas(load_personas())
+    personas = [held_out[i % len(held_out)] for i in range(episodes)]
+    scores = {}
+    for kind in EVASIONS:
+        convs = run_conversations(
+            problem, personas, list(range(episodes)), evasive_agent(kind), ScriptedPartner(), RuleJudge()
+        )
+        scores[kind] = statistics.mean(r for c in convs for r in c.rewards)
+    kind = max(scores, key=scores.get)
+    return {"kind": kind, "reward_mean": scores[kind]}
+
+
 def write_results(results: dict, out: Path, args) -> None:
+    for name, r in results.items():
+        r["best_evasive"] = best_evasive(name)
     atomic_write_text(out / "learning.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "learning.md", table(results, args))
     plot(results, out / "learning.png")
@@ -115,11 +151,13 @@ def table(results: dict, args) -> str:
     from ppg.env.problems import PROBLEMS
 
     lines = [
-        f"{args.iterations} iterations x 32 episodes per problem, seed {args.seed}; held-out evaluation "
-        f"of {args.eval_episodes} episodes per policy (paired: same personas and seeds), 95% t-intervals.",
+        f"Seed {args.seed}; training iterations x episodes per iteration, and the held-out evaluation's "
+        "episodes per policy (paired: same personas and seeds), per row; 95% t-intervals. Best evasive "
+        "agent: the best of the scripted evasions on the same held-out personas.",
         "",
-        "| problem | class | initial | trained | difference | behaviour: initial -> trained |",
-        "|---|---|---|---|---|---|",
+        "| problem | class | iterations x episodes | eval episodes | initial | trained | difference "
+        "| best evasive agent | behaviour: initial -> trained |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         a, b, d = r["initial"], r["checkpoint"], r["difference"]
@@ -131,8 +169,10 @@ def table(results: dict, args) -> str:
             f" k={r['class'][-1]}" if "k=" in r["class"] else ""
         )
         lines.append(
-            f"| {name} | {label} | {pm(a)} | {pm(b)} | "
-            f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | {rates} |"
+            f"| {name} | {label} | {r['iterations']} x {r['episodes_per_iteration']} | {r['eval_episodes']} "
+            f"| {pm(a)} | {pm(b)} | "
+            f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] | "
+            f"{r['best_evasive']['reward_mean']:+.3f} ({r['best_evasive']['kind']}) | {rates} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -157,18 +197,14 @@ def plot(results: dict, path: Path) -> None:
         ax.bar(
             [i + shift for i in range(len(names))], means, 0.4, yerr=errs, capsize=3, color=color, label=label
         )
-    from ppg.env.judges import DODGE, UNANSWERED
-    from ppg.env.problems import PROBLEMS
-
-    for i, n in enumerate(names):  # what an agent that always evades scores on this problem
-        level = DODGE if PROBLEMS[n].family == "user_alignment" else UNANSWERED
+    for i, n in enumerate(names):  # what the best scripted evasion scores on this problem
         ax.hlines(
-            level,
+            results[n]["best_evasive"]["reward_mean"],
             i - 0.45,
             i + 0.45,
             colors="tab:red",
             linestyles=":",
-            label="always evasive" if i == 0 else None,
+            label="best evasive agent" if i == 0 else None,
         )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("held-out reward per turn (95% CI)")

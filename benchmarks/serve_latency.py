@@ -135,7 +135,8 @@ def run(args) -> list[dict]:
     import ray
 
     from ppg.models import resolve_model
-    from ppg.serve import ServeSettings, start_server, stop_server
+    from ppg.serve.service import start_server, stop_server
+    from ppg.serve.settings import ServeSettings
 
     policy = resolve_model(args.model)
     started_ray = not ray.is_initialized()

@@ -208,9 +208,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     import ray
 
-    from ppg.driver import connect_ray
     from ppg.models import resolve_model
-    from ppg.serve import ServeSettings, start_server, stop_server
+    from ppg.ray_session import connect
+    from ppg.serve.service import start_server, stop_server
+    from ppg.serve.settings import ServeSettings
 
     load_before = os.getloadavg()[0]
     policy = resolve_model("embedded:tiny")
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_model_len=256,
             api_key_file=str(key_file),
         )
-        connect_ray()
+        connect()
         try:
             handle = start_server(settings)
             result = soak(

@@ -538,10 +538,10 @@ def summarize(side: str, result: dict, evals: dict, args) -> dict:
 
 
 def run(args) -> list[dict]:
-    from ppg.driver import connect_ray
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
 
-    connect_ray()  # before anything imports vLLM (trl does): workers must not inherit its environment
+    connect()  # before anything imports vLLM (trl does): workers must not inherit its environment
     model_path = resolve_model(args.model)
     variants = [("ppg", {})]
     if args.poll_variant_s > 0:  # the same ppg, with Ray Train's controller polling its workers faster

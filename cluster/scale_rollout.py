@@ -26,7 +26,10 @@ import os
 import sys
 import time
 
-POOL_ACTOR = "ppg-rollout-pool"  # ppg.learner.loop.POOL_ACTOR; not imported, so no torch import here
+import ray
+
+from ppg.ray_session import POOL_ACTOR
+
 WORKER_CLASS = "RolloutWorker"
 
 
@@ -36,8 +39,6 @@ class ScaleError(RuntimeError):
 
 def find_pool(namespace: str | None, wait_s: float) -> tuple[str, object]:
     """The pool actor's namespace and handle; waits up to ``wait_s`` seconds for a run to create it."""
-    import ray
-
     deadline = time.monotonic() + wait_s
     while True:
         found = [
@@ -46,7 +47,10 @@ def find_pool(namespace: str | None, wait_s: float) -> tuple[str, object]:
             if a["name"] == POOL_ACTOR and namespace in (None, a["namespace"])
         ]
         if len(found) == 1:
-            return found[0], ray.get_actor(POOL_ACTOR, namespace=found[0])
+            try:
+                return found[0], ray.get_actor(POOL_ACTOR, namespace=found[0])
+            except ValueError:  # it ended between the listing and the lookup
+                found = []
         if len(found) > 1:
             raise ScaleError(
                 f"{len(found)} runs have a rollout pool (namespaces {', '.join(sorted(found))}); "
@@ -91,8 +95,18 @@ def shortfall(demand: dict[str, float], extra_workers: int, available: dict[str,
 
 
 def scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending: bool) -> dict[str, int]:
-    import ray
+    """Resize, or a ScaleError naming what happened: a run that ends (or whose pool dies) while the
+    request is under way is an ordinary outcome, not a crash."""
+    try:
+        return _scale(num_workers, namespace, wait_s, allow_pending)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+        raise ScaleError(
+            "the rollout pool stopped while it was being resized (the training run ended or lost its "
+            f"pool: {type(e).__name__}); nothing more to scale. If a run is still going, try again."
+        ) from None
 
+
+def _scale(num_workers: int, namespace: str | None, wait_s: float, allow_pending: bool) -> dict[str, int]:
     ns, pool = find_pool(namespace, wait_s)
     before = ray.get(pool.versions.remote())  # also waits until the pool's first workers are up
     extra = num_workers - len(before)
@@ -134,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_workers < 1:
         parser.error("num_workers must be >= 1")
-
-    import ray
 
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
     try:

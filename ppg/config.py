@@ -56,6 +56,11 @@ class ProblemConfig(Section):
         default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path"
     )
 
+    @property
+    def uses_llm(self) -> bool:
+        """The partner or the judge is an LLM: a shared vLLM chat actor must run for the workers."""
+        return "llm" in (self.partner, self.judge)
+
     @model_validator(mode="after")
     def _boundaries_inside(self) -> ProblemConfig:
         b = self.segment_boundaries
@@ -181,6 +186,12 @@ class RunConfig(Section):
     iterations: PositiveInt = 60
     checkpoint_every: PositiveInt = 10
     keep_last: PositiveInt = 3
+    max_failures: int = Field(
+        default=3,
+        ge=0,
+        description="learner worker failures survived per run: Ray Train restarts the learner, which "
+        "continues exactly from the last checkpoint (run.checkpoint_every bounds the lost work)",
+    )
     async_rollouts: bool = Field(
         default=False, description="overlap the next iteration's rollouts with the update"
     )
@@ -218,6 +229,31 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each bad field path and what it accepts."""
 
 
+def check_trainable(config: PPGConfig) -> PPGConfig:
+    """Combinations that validate field by field but cannot train correctly; refused before any
+    process starts (``ppg train``, every cell of ``ppg experiment``). ``ppg eval`` and ``ppg serve``
+    may sample at any temperature: only training needs the sampler and the learner to agree."""
+    problems = []
+    r, learner = config.rollout, config.learner
+    if config.run.async_rollouts and (learner.max_staleness < 1 or learner.off_policy == "reject"):
+        problems.append(
+            "run.async_rollouts=true samples each batch one policy version behind the learner, so "
+            f"learner.max_staleness={learner.max_staleness} / learner.off_policy={learner.off_policy} "
+            "would drop every batch: set learner.max_staleness=1 and learner.off_policy=importance, "
+            "or run.async_rollouts=false"
+        )
+    if r.temperature != 1.0 or r.top_p != 1.0:
+        problems.append(
+            f"rollout.temperature={r.temperature} / rollout.top_p={r.top_p}: the learner scores "
+            "replies under the model's own distribution (temperature 1, no truncation), so training "
+            "samples must come from it too; set rollout.temperature=1 and rollout.top_p=1 (sample "
+            "otherwise in ppg eval or ppg serve)"
+        )
+    if problems:
+        raise ConfigError("config cannot train:\n  " + "\n  ".join(problems))
+    return config
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PPGConfig:
     """Defaults <- YAML file <- ``a.b.c=value`` overrides (values parsed as YAML scalars)."""
     raw: dict[str, Any] = {}
@@ -231,11 +267,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(format_validation_error(e, source=str(path) if path else "config")) from None
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML without implicit timestamps: no config field is a date, and ``run.name=2024-01-01`` must
+    stay the string it was written as."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist (pass an existing YAML file to --config)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     except UnicodeDecodeError as e:
@@ -260,7 +311,7 @@ def apply_override(raw: dict[str, Any], override: str) -> dict[str, Any]:
             f"override {override!r} must look like section.field=value, e.g. objective.gamma=0.9"
         )
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else None
+        value = parse_yaml(value_text) if value_text.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({e})") from None
     out = copy.deepcopy(raw)

@@ -10,26 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
-from ppg.config import PPGConfig, load_config
+import ray
+from ray.train import FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ppg.config import PPGConfig, check_trainable, load_config
+from ppg.env.llm import start_chat_llm_actor
+from ppg.evaluate import final_evaluation
 from ppg.files import atomic_write_text
+from ppg.learner.checkpoint import latest_checkpoint, load_state, validate_checkpoint
+from ppg.learner.loop import train_loop_per_worker
+from ppg.learner.metrics import plot_rewards, read_metrics
+from ppg.models import resolve_model
+from ppg.ray_session import CHAT_LLM_ACTOR, POOL_ACTOR, connect
+from ppg.rollout.pool import RolloutPool
+from ppg.serve.service import PolicyService
 
 log = logging.getLogger(__name__)
-
-
-def connect_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        # address="local": always a new cluster, never one a `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
 
 
 def new_run_dir(config: PPGConfig) -> Path:
@@ -59,31 +59,31 @@ def train(
     run and left running. ``final_eval``: end with the held-out evaluation of the final vs the initial
     policy (``run.final_eval_episodes``, into ``<run_dir>/eval``); by default only when the run owns
     its pool (``ppg train``), not for a pool passed in (``ppg experiment`` measures its own way)."""
-    from ppg.learner.checkpoint import latest_checkpoint, validate_checkpoint
-    from ppg.models import resolve_model
-
     resume_from = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        config = load_config(run_dir / "config.yaml", overrides)
+        config = check_trainable(load_config(run_dir / "config.yaml", overrides))
         resume_from = latest_checkpoint(run_dir)
         policy_path = str(validate_checkpoint(resume_from))
     else:
         assert config is not None
+        check_trainable(config)
         run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None
     atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    # Said first, so that it is on the screen whatever ends this process (even SIGKILL): the
+    # learner survives its own failures (run.max_failures), the driver's need this command.
+    print(
+        f"[ppg] run folder {run_dir}; if this process dies, continue with: ppg train --resume {run_dir}",
+        flush=True,
+    )
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
-    connect_ray()
-    import ray
-
+    connect()
     version = 0
     if resume_from is not None:  # the workers serve the checkpoint's weights, as its version
-        from ppg.learner.checkpoint import load_state
-
         version = load_state(resume_from)[0]["policy_version"]
     chat_llm = start_workers_chat_llm(config)  # the LLM partner/judge the rollout workers look up by name
     own_pool = pool is None
@@ -96,14 +96,10 @@ def train(
     service = None
     try:
         if config.serve.enabled:  # the live policy over HTTP; the learner publishes every update to it
-            from ppg.serve.cli import PolicyService
-
             service = PolicyService(config, policy_path, policy_version=version)
             print(f"[ppg] serving the live policy at {service.url}/v1", flush=True)
         fit(config, run_dir, policy_path, reference_path, resume_from)
         if (own_pool if final_eval is None else final_eval) and config.run.final_eval_episodes:
-            from ppg.evaluate import final_evaluation
-
             # the pool still runs the final policy: no new engines, only the initial weights swapped in
             final_evaluation(pool, config, run_dir, reference_path)
     finally:
@@ -119,8 +115,6 @@ def train(
             service.wait_for_interrupt("the trained policy")
         finally:
             service.close()
-    from ppg.learner.metrics import plot_rewards, read_metrics
-
     if read_metrics(run_dir):
         plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
     return run_dir
@@ -129,14 +123,8 @@ def train(
 def start_workers_chat_llm(config: PPGConfig):
     """With ``problem.partner`` or ``problem.judge`` = llm: start (or reuse) the named vLLM actor that
     rollout workers share, and wait for its engine. None when the config needs no LLM."""
-    if "llm" not in (config.problem.partner, config.problem.judge):
+    if not config.problem.uses_llm:
         return None
-    import ray
-
-    from ppg.env.llm import start_chat_llm_actor
-    from ppg.models import resolve_model
-    from ppg.rollout.worker import CHAT_LLM_ACTOR
-
     try:
         ray.get_actor(CHAT_LLM_ACTOR)
         return None  # someone else's (e.g. a test's or an experiment's): not ours to stop
@@ -156,11 +144,6 @@ def start_workers_chat_llm(config: PPGConfig):
 
 
 def start_pool(config: PPGConfig, policy_path: str):
-    import ray
-
-    from ppg.learner.loop import POOL_ACTOR
-    from ppg.rollout.pool import RolloutPool
-
     actor = (
         ray.remote(RolloutPool)
         .options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8)
@@ -173,11 +156,6 @@ def start_pool(config: PPGConfig, policy_path: str):
 def fit(
     config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str, resume_from: Path | None
 ) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ppg.learner.loop import train_loop_per_worker
-
     # Ray Train's controller collects each ray.train.report on a poll (2 s by default), and a worker's
     # next report waits for it: at ppg's ~0.5 s iterations that wait dominated (BENCHMARKS.md, TRL).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -191,6 +169,7 @@ def fit(
             "reference_path": reference_path,
             "tokenizer_dir": reference_path,
             "resume_from": str(resume_from) if resume_from else None,
+            "attempt_token": uuid.uuid4().hex,  # tells a restarted learner from the first one
         },
         scaling_config=ScalingConfig(
             num_workers=learner.num_workers,
@@ -198,6 +177,10 @@ def fit(
             resources_per_worker={"CPU": learner.cpus_per_worker, **learner.resources},
         ),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
-        run_config=RunConfig(name="learner", storage_path=str(run_dir / "ray_train")),
+        run_config=RunConfig(
+            name="learner",
+            storage_path=str(run_dir / "ray_train"),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
     )
     trainer.fit()

@@ -23,12 +23,23 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from ppg.config import PPGConfig, load_config
+from ppg.env.behaviour import behaviour_rates, describe
+from ppg.env.conversation import Conversation
+from ppg.env.personas import load_personas, split_personas
+from ppg.env.problems import make_problem
 from ppg.files import atomic_write_text
+from ppg.learner.checkpoint import CONFIG, STATE, latest_checkpoint, validate_checkpoint
 from ppg.learner.metrics import md_cell
+from ppg.models import resolve_model
+from ppg.ray_session import connect
+from ppg.rollout.pool import RolloutPool, plan_requests
 
 EVAL_SEED_OFFSET = 99991  # eval conversations: run.seed + this (disjoint from training's streams)
 EVAL_REQUESTS = 4  # fixed split: the same episodes on any number of rollout workers
@@ -98,7 +109,6 @@ def paired_difference(after: list[float], before: list[float], confidence: float
 
 
 def eval_requests(config: PPGConfig, held_out: list, episodes: int) -> list:
-    from ppg.rollout.pool import plan_requests
 
     return plan_requests(
         held_out, episodes, 1, EVAL_REQUESTS, seed=config.run.seed + EVAL_SEED_OFFSET, split="eval"
@@ -109,8 +119,6 @@ def _call(pool: Any, method: str, *args: Any) -> Any:
     """Call a RolloutPool method on a local pool or on the named pool actor alike."""
     fn = getattr(pool, method)
     if hasattr(fn, "remote"):
-        import ray
-
         return ray.get(fn.remote(*args))
     return fn(*args)
 
@@ -125,8 +133,6 @@ def evaluate_on_pool(
     """Play the same held-out episodes with each policy in ``weights`` (label -> (version, weights
     path)) for each config's problem. ``loaded``: (problem, label) the pool already runs (config and
     weights), so nothing is reloaded for it. Returns (per-problem report, per-problem samples)."""
-    from ppg.env.conversation import Conversation
-    from ppg.env.personas import load_personas, split_personas
 
     problems, samples = {}, {}
     for config in configs:
@@ -158,8 +164,6 @@ def evaluate_on_pool(
 
 
 def problem_report(config: PPGConfig, played: dict, conversations: dict, seeds: list[int]) -> dict:
-    from ppg.env.behaviour import behaviour_rates
-    from ppg.env.problems import make_problem
 
     problem = make_problem(config.problem)
     per_episode = {label: [sum(e.rewards) / len(e.rewards) for e in eps] for label, eps in played.items()}
@@ -204,13 +208,6 @@ def evaluate(
 ) -> dict:
     """Score ``checkpoint`` and its initial policy on held-out personas (paired); write report.json,
     report.md and samples.md into ``out`` (default ``<checkpoint>/eval``) and return the report."""
-    import time
-
-    from ppg.driver import connect_ray
-    from ppg.env.problems import make_problem
-    from ppg.learner.checkpoint import CONFIG, STATE, validate_checkpoint
-    from ppg.models import resolve_model
-    from ppg.rollout.pool import RolloutPool
 
     if episodes < 2:
         raise ValueError(f"--episodes must be at least 2 (an interval needs two), got {episodes}")
@@ -227,7 +224,7 @@ def evaluate(
     state = checkpoint / STATE
     version = json.loads(state.read_text())["policy_version"] if state.is_file() else 1
     start = time.perf_counter()
-    connect_ray()
+    connect()
     pool = RolloutPool(configs[0], str(policy), name_prefix="ppg-eval")
     try:
         problems, samples = evaluate_on_pool(
@@ -251,9 +248,6 @@ def final_evaluation(pool: Any, config: PPGConfig, run_dir: Path, initial_path: 
     """``ppg train``'s closing evaluation, on the run's own pool (which already runs the final
     policy): final vs initial policy, ``run.final_eval_episodes`` held-out episodes, into
     ``<run_dir>/eval``. Prints a short summary; returns the report (None when switched off)."""
-    import time
-
-    from ppg.learner.checkpoint import STATE, latest_checkpoint
 
     episodes = config.run.final_eval_episodes
     if not episodes:
@@ -278,7 +272,6 @@ def final_evaluation(pool: Any, config: PPGConfig, run_dir: Path, initial_path: 
 
 
 def build_report(config: PPGConfig, checkpoint: str, initial: str, episodes: int, problems: dict) -> dict:
-    from ppg.env.personas import load_personas, split_personas
 
     _, held_out = split_personas(load_personas(config.problem.personas_file))
     first = next(iter(problems))
@@ -344,7 +337,6 @@ def summary_lines(report: dict, after: str = "checkpoint") -> list[str]:
 
 
 def report_markdown(report: dict) -> str:
-    from ppg.env.behaviour import describe
 
     out = [
         "# Held-out evaluation",

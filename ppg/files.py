@@ -1,4 +1,5 @@
-"""Atomic file writes (write a temporary sibling, then rename): a crash never leaves half a file."""
+"""Atomic file writes (write a temporary sibling, then rename): a crash never leaves half a file.
+Folders are published the same way, after ``fsync_tree``."""
 
 from __future__ import annotations
 
@@ -38,3 +39,25 @@ def atomic_save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     fig.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     return path
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file and folder under ``folder`` to disk, so that the rename which publishes the
+    folder never reveals empty or missing files after a crash."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        else:
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename inside it is durable only after this)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

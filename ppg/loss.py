@@ -63,6 +63,21 @@ def policy_gradient_loss(
     )
 
 
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss term, estimate) of KL(pi || ref) per agent token, averaged over the masked tokens.
+
+    The estimate is k3 = exp(d) - d - 1 with d = log ref - log pi: unbiased and non-negative, so it
+    is what gets reported. It is not the loss: differentiated as a loss, k3's gradient is that of
+    KL(ref || pi), the other direction. The loss is k2 = d^2 / 2, whose gradient on samples from pi,
+    d * grad log pi, is exactly the gradient of KL(pi || ref) (tests/test_loss.py, by enumeration).
+    """
+    d = (ref_logprobs.detach() - logprobs).clamp(-20, 20)
+    count = mask.sum().clamp(min=1)
+    loss = (0.5 * d**2 * mask).sum() / count
+    estimate = ((torch.exp(d) - d - 1).detach() * mask).sum() / count
+    return loss, estimate
+
+
 def check_token_batch(logprobs: Tensor, agent_mask: Tensor, token_turn: Tensor, num_turns: int) -> None:
     if logprobs.ndim != 2:
         raise ObjectiveInputError(f"logprobs must be [B, L], got shape {tuple(logprobs.shape)}")

@@ -179,6 +179,8 @@ class GroupMean(_Baseline):
 
     ``normalize_std`` divides by the group's std as GRPO does: lower variance, but the std depends
     on this episode's own action, so the estimate is no longer unbiased (a scaled, biased direction).
+    Where a group has a single sample at a turn there is no spread to divide by: that advantage is
+    left unscaled (dividing by eps would blow it up a millionfold).
     """
 
     type: Literal["group_mean"] = "group_mean"
@@ -193,7 +195,9 @@ class GroupMean(_Baseline):
             )
         adv = returns - leave_one_out_mean(returns, valid, group_ids)  # [B, T]
         if self.normalize_std:
-            adv = adv / (group_std(returns, valid, group_ids) + self.eps)
+            alone = _group_sums(valid.to(returns.dtype), group_ids) < 2  # [B, T]
+            std = group_std(returns, valid, group_ids)
+            adv = adv / torch.where(alone, torch.ones_like(std), std + self.eps)
         return adv * valid
 
 

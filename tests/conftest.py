@@ -36,6 +36,7 @@ def scripted_episodes(
     """Real episodes without an engine: the scripted agent talks to the scripted partner, the rule
     judge scores it, and each conversation is rendered through the tiny model's chat template.
     Episodes of one persona share a group id (group baselines)."""
+    from reference_episodes import episode_from_conversation
     from transformers import AutoTokenizer
 
     from ppg.config import load_config
@@ -45,7 +46,6 @@ def scripted_episodes(
     from ppg.env.personas import load_personas
     from ppg.env.problems import make_problem
     from ppg.env.scripted_agents import warm_start_agent
-    from ppg.episode import episode_from_conversation
     from ppg.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded:tiny"))

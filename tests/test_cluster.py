@@ -192,13 +192,34 @@ def load_scale_module():
     return module
 
 
+def test_scale_rollout_racing_the_end_of_training_is_one_clear_error(ray_cluster):
+    """A pool that dies while it is being resized (the run ended): a ScaleError, no traceback. The
+    stand-in pool is a real named actor that exits in ``resize`` as a finishing run's pool does."""
+    ray = ray_cluster
+    scale = load_scale_module()
+
+    @ray.remote(num_cpus=0)
+    class EndingPool:
+        def versions(self) -> dict:
+            return {"ppg-rollout-0": 3}
+
+        def resize(self, num_workers: int, wait: bool = True) -> None:
+            os._exit(0)  # the training job finished: its actors go away
+
+    pool = EndingPool.options(name=scale.POOL_ACTOR, namespace="ending-run").remote()
+    ray.get(pool.versions.remote())
+    with pytest.raises(scale.ScaleError, match="stopped while it was being resized"):
+        scale.scale(1, "ending-run", wait_s=0, allow_pending=True)
+    with pytest.raises(scale.ScaleError, match="no running ppg train|stopped while"):  # once it is gone
+        scale.scale(1, "ending-run", wait_s=0, allow_pending=True)
+
+
 def test_scale_rollout_capacity_check_and_arguments(capsys):
     scale = load_scale_module()
     demand = {"CPU": 1.0, "ppg_rollout": 1.0}
     assert scale.shortfall(demand, 1, {"CPU": 2.0, "ppg_rollout": 1.0}) == {}
     assert scale.shortfall(demand, 2, {"CPU": 2.0, "ppg_rollout": 1.0}) == {"ppg_rollout": (2.0, 1.0)}
     assert scale.shortfall(demand, 1, {"CPU": 0.5}) == {"CPU": (1.0, 0.5), "ppg_rollout": (1.0, 0.0)}
-    assert scale.POOL_ACTOR == __import__("ppg.learner.loop", fromlist=["POOL_ACTOR"]).POOL_ACTOR
     with pytest.raises(SystemExit) as e:
         scale.main(["0"])
     assert e.value.code == 2 and "num_workers must be >= 1" in capsys.readouterr().err

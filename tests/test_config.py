@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from ppg.cli import main
-from ppg.config import ConfigError, PPGConfig, apply_override, load_config
+from ppg.config import ConfigError, PPGConfig, apply_override, check_trainable, load_config
 from ppg.objectives import GroupMean, KStep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +178,36 @@ def test_ppg_bad_config_exits_2_with_the_field_named(capsys):
     assert main(["config", "show", "objective.policy_class.type=k_step", "objective.policy_class.k=0"]) == 2
     err = capsys.readouterr().err
     assert "objective.policy_class.k" in err and "greater than 0" in err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["run.async_rollouts=true"], "learner.max_staleness=0"),
+        (["run.async_rollouts=true", "learner.max_staleness=1", "learner.off_policy=reject"], "reject"),
+        (["rollout.temperature=0.7"], "rollout.temperature=0.7"),
+        (["rollout.top_p=0.9"], "rollout.top_p=0.9"),
+    ],
+)
+def test_combinations_that_cannot_train_are_refused_before_anything_starts(
+    tmp_path, capsys, overrides, named
+):
+    with pytest.raises(ConfigError, match="cannot train") as e:
+        check_trainable(load_config(None, overrides))
+    assert named in str(e.value)
+    out = tmp_path / "runs"
+    assert main(["train", *overrides, f"run.output_dir={out}"]) == 2
+    assert named in capsys.readouterr().err and not out.exists(), "no run folder for a refused config"
+    ok = ["run.async_rollouts=true", "learner.max_staleness=1", "learner.off_policy=importance"]
+    check_trainable(load_config(None, ok))  # the supported asynchronous setting passes
+
+
+def test_date_like_values_stay_strings(tmp_path):
+    assert load_config(None, ["run.name=2024-01-01"]).run.name == "2024-01-01"
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  name: 2024-01-01\n")
+    assert load_config(path).run.name == "2024-01-01"
+    assert load_config(None, ["run.seed=7"]).run.seed == 7  # other scalars keep their types
 
 
 def test_ppg_help_shows_an_example():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from reference_episodes import episode_from_conversation, render_tokens
 from transformers import AutoTokenizer
 
 from ppg.config import ProblemConfig
@@ -15,8 +16,9 @@ from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
 from ppg.env.problems import make_problem
 from ppg.env.scripted_agents import warm_start_agent
-from ppg.episode import RenderError, collate, episode_from_conversation, render_tokens
+from ppg.episode import RenderError, collate
 from ppg.models import encode_conversation, resolve_model
+from ppg.rollout.trace import TokenTrace
 
 
 @pytest.fixture(scope="module")
@@ -83,5 +85,11 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello."},
     ]
+    trace = TokenTrace()  # the rollout's trace, which builds every episode turn by turn
+    trace.add_context(bad, bad.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True))
     with pytest.raises(RenderError, match="prefix-stable"):
-        render_tokens(bad, messages)
+        trace.add_context(
+            bad, bad.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True)
+        )
+    with pytest.raises(RenderError, match="prefix-stable"):
+        render_tokens(bad, messages)  # and the reference renderer the trace is tested against

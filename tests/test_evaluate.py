@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+from reference_episodes import episode_from_conversation
 from transformers import AutoTokenizer
 
 from ppg.config import load_config
@@ -18,7 +19,6 @@ from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas, split_personas
 from ppg.env.problems import make_problem
 from ppg.env.scripted_agents import good_agent, warm_start_agent
-from ppg.episode import episode_from_conversation
 from ppg.evaluate import (
     build_report,
     mean_interval,

@@ -173,7 +173,8 @@ def test_selector_minimises_mse_at_the_batch_size():
 # ---- a real grid, interrupted and resumed -----------------------------------------------------------
 @pytest.mark.slow
 def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
-    from ppg.experiment.runner import cell_dir, run_suite
+    from ppg.experiment.runner import run_suite
+    from ppg.experiment.suite import cell_dir
     from ppg.learner.metrics import read_metrics
 
     suite = Suite.model_validate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppg.loss import policy_gradient_loss, token_logprobs, turn_logprobs
+from ppg.loss import kl_penalty, policy_gradient_loss, token_logprobs, turn_logprobs
 from ppg.objectives import ObjectiveInputError
 
 # One conversation, 8 tokens: [sys, user, A0, A0, user, A1, user, pad]
@@ -74,3 +74,42 @@ def test_bad_token_batches(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ObjectiveInputError, match=message):
         policy_gradient_loss(**args)
+
+
+def _expected_gradient(loss_of_action, theta: torch.Tensor) -> torch.Tensor:
+    """E_{a ~ softmax(theta)}[grad loss(a)], by enumerating the actions (the sampling distribution
+    itself is not differentiated: a loss is averaged over samples drawn from it)."""
+    probs = torch.softmax(theta, -1).detach()
+    total = torch.zeros_like(theta)
+    for a in range(theta.numel()):
+        (g,) = torch.autograd.grad(loss_of_action(a), theta)
+        total += probs[a] * g
+    return total
+
+
+def test_kl_penalty_has_the_gradient_of_kl_pi_ref_and_reports_it_exactly_in_expectation():
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(5, generator=g, dtype=torch.double, requires_grad=True)
+    ref = torch.log_softmax(torch.randn(5, generator=g, dtype=torch.double), -1)
+    one = torch.ones(1, dtype=torch.bool)
+
+    def term(a: int, which: int) -> torch.Tensor:
+        logp = torch.log_softmax(theta, -1)[a].reshape(1)
+        return kl_penalty(logp, ref[a].reshape(1), one)[which]
+
+    pi = torch.softmax(theta, -1)
+    kl = (pi * (torch.log(pi) - ref)).sum()  # KL(pi || ref), exactly
+    (want,) = torch.autograd.grad(kl, theta)
+    assert torch.allclose(_expected_gradient(lambda a: term(a, 0), theta), want, atol=1e-12)
+    estimate = sum(pi[a].detach() * term(a, 1) for a in range(5))  # unbiased for KL(pi || ref)
+    assert torch.isclose(estimate, kl.detach(), atol=1e-12)
+
+    # the k3 estimate used as a loss would follow KL(ref || pi) instead: the bug this replaces
+    def k3(a: int) -> torch.Tensor:
+        d = ref[a] - torch.log_softmax(theta, -1)[a]
+        return torch.exp(d) - d - 1
+
+    reverse = (ref.exp() * (ref - torch.log_softmax(theta, -1))).sum()
+    (other,) = torch.autograd.grad(reverse, theta)
+    assert torch.allclose(_expected_gradient(k3, theta), other, atol=1e-12)
+    assert not torch.allclose(other, want, atol=1e-3)

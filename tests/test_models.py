@@ -312,6 +312,16 @@ def test_missing_local_path_names_it(tmp_path: Path) -> None:
         resolve_model(str(missing))
     with pytest.raises(ModelPathError, match="does not exist"):
         resolve_model("./no/such/model")
+    with pytest.raises(ModelPathError, match="does not exist"):  # not a hub id: two slashes
+        resolve_model("runs/default/checkpoints")
+    (tmp_path / "models").mkdir()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)  # "models/foo" looks like a hub id, but ./models is a folder here
+        with pytest.raises(ModelPathError, match="'models/foo' does not exist"):
+            resolve_model("models/foo")
+    finally:
+        os.chdir(cwd)
 
 
 def test_folder_without_config(tmp_path: Path) -> None:

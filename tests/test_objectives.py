@@ -125,6 +125,18 @@ def test_group_std_normalisation_gives_unit_scale_within_each_group():
         assert torch.allclose(norm[rows], raw[rows] / (std + 1e-6))
 
 
+def test_group_std_normalisation_leaves_a_lone_sample_unscaled():
+    # group 1 has one member; in group 0 only the first episode reaches turn 1
+    rewards = torch.tensor([[1.0, 4.0], [3.0, 0.0], [0.5, 2.0]])
+    valid = torch.tensor([[True, True], [True, False], [True, True]])
+    groups = torch.tensor([0, 0, 1])
+    adv = Objective(policy_class=Greedy(), baseline=GroupMean(normalize_std=True)).advantages(
+        rewards, valid, group_ids=groups
+    )
+    # turn 0 of group 0: (1 - 3) / std{1, 3} = -2 / 1; lone samples: G - 0, not G / 1e-6
+    assert torch.allclose(adv, torch.tensor([[-2.0 / (1 + 1e-6), 4.0], [2.0 / (1 + 1e-6), 0.0], [0.5, 2.0]]))
+
+
 def test_advantages_are_detached():
     rewards = torch.ones(2, 2, requires_grad=True)
     adv = Objective().advantages(rewards, torch.ones(2, 2, dtype=torch.bool))

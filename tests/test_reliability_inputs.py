@@ -119,7 +119,7 @@ def test_pickled_objects_in_trainer_state_and_pickle_weights_are_refused(good, t
     with pytest.raises(CheckpointError, match="only from safetensors"):
         validate_checkpoint(bin_only)
 
-    from ppg.serve import serve_main  # ppg serve refuses it before any server starts
+    from ppg.serve.cli import serve_main  # ppg serve refuses it before any server starts
 
     assert serve_main(str(bin_only)) == 2
     assert "only from safetensors" in capsys.readouterr().err

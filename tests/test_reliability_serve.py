@@ -64,7 +64,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
     from ppg.models import resolve_model
-    from ppg.serve import start_server, stop_server
+    from ppg.serve.service import start_server, stop_server
 
     key_file = tmp_path_factory.mktemp("reliability") / "key"
     key_file.write_text(KEY)

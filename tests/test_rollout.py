@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from reference_episodes import render_tokens
 
 from ppg.config import load_config
 from ppg.env.conversation import run_conversations
@@ -16,7 +17,6 @@ from ppg.env.judges import RuleJudge
 from ppg.env.partners import ScriptedPartner
 from ppg.env.personas import load_personas
 from ppg.env.problems import make_problem
-from ppg.episode import render_tokens
 from ppg.models import resolve_model
 from ppg.rollout.engine import HFEngine, SamplingSpec, load_state_dict
 from ppg.rollout.pool import RolloutPool, plan_requests

@@ -81,7 +81,7 @@ def test_initial_version_from_checkpoint_state(tmp_path):
 
 
 def test_serve_main_refuses_a_missing_checkpoint(tmp_path, capsys):
-    from ppg.serve import serve_main
+    from ppg.serve.cli import serve_main
 
     assert serve_main(str(tmp_path / "missing")) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -99,7 +99,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(ray_cluster, tmp_path_factory):
     from ppg.models import resolve_model
-    from ppg.serve import start_server, stop_server
+    from ppg.serve.service import start_server, stop_server
 
     key_file = tmp_path_factory.mktemp("serve") / "key"
     key_file.write_text(KEY)
@@ -328,7 +328,7 @@ def test_load_with_reload_in_the_middle_drops_nothing(server):
 @pytest.mark.slow
 def test_published_version_reaches_replicas_by_polling(server):
     """The multi-replica path: publish to the app's registry; replicas poll and reload themselves."""
-    from ppg.serve import publish_policy
+    from ppg.policy_registry import publish_policy
 
     base, _, settings = server
     current = _health(base)["policy_version"]

@@ -99,7 +99,9 @@ def test_train_with_serve_enabled_serves_the_live_policy(ray_cluster, tmp_path):
 @pytest.mark.slow
 def test_one_publish_reaches_every_replica(ray_cluster, tmp_path):
     from ppg.models import resolve_model
-    from ppg.serve import ServeSettings, publish_policy, start_server, stop_server
+    from ppg.policy_registry import publish_policy
+    from ppg.serve.service import start_server, stop_server
+    from ppg.serve.settings import ServeSettings
 
     policy = resolve_model("embedded:tiny")
     settings = ServeSettings(

@@ -16,7 +16,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ppg.experiment.suite import Suite
+from ppg.experiment.suite import Suite, cell_dir, pilot_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
 
 FINAL_WINDOW = 5
@@ -65,7 +65,6 @@ def target(suite: Suite, problem: str, pilots: dict) -> float:
 
 
 def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict]:
-    from ppg.experiment.runner import cell_dir, pilot_path
 
     pilots = {
         (p, s): json.loads(pilot_path(out, p, s).read_text())

@@ -20,9 +20,21 @@ import shutil
 import time
 from pathlib import Path
 
-from ppg.experiment.suite import Suite, SuiteError
+import ray
+import torch
+from transformers import AutoModelForCausalLM
+
+from ppg.driver import start_pool, train
+from ppg.env.personas import load_personas, split_personas
+from ppg.experiment.report import write_report
+from ppg.experiment.selector import gradient_stats, select_class
+from ppg.experiment.suite import Suite, SuiteError, cell_dir, pilot_path
 from ppg.files import atomic_write_text
+from ppg.learner.checkpoint import list_checkpoints
+from ppg.models import resolve_model
 from ppg.objectives import FullPlanning
+from ppg.ray_session import connect
+from ppg.rollout.pool import plan_requests
 
 PILOT_ITERATION = 99_999  # the pilot batch's request seed: disjoint from every training iteration's
 
@@ -45,14 +57,6 @@ class GridProgress:
         )
 
 
-def cell_dir(out: Path, problem: str, label: str, seed: int) -> Path:
-    return out / "runs" / problem / label / f"seed{seed}"
-
-
-def pilot_path(out: Path, problem: str, seed: int) -> Path:
-    return out / "pilots" / f"{problem}-seed{seed}.json"
-
-
 def _record_suite(suite: Suite, out: Path) -> None:
     recorded = out / "suite.yaml"
     text = json.dumps(suite.model_dump(mode="json"), indent=1, sort_keys=True)
@@ -66,14 +70,6 @@ def _record_suite(suite: Suite, out: Path) -> None:
 
 def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> dict:
     """Sample the pilot batch at the initial policy and measure every class's gradient on it."""
-    import ray
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from ppg.env.personas import load_personas, split_personas
-    from ppg.experiment.selector import gradient_stats, select_class
-    from ppg.rollout.pool import plan_requests
-
     config = suite.config(problem, None, seed)
     r = config.rollout
     ray.get(pool.reconfigure.remote(config, 0, policy_path))
@@ -107,8 +103,6 @@ def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> 
 
 
 def run_cell(suite: Suite, problem: str, label: str, seed: int, out: Path, pool) -> None:
-    from ppg.driver import train
-    from ppg.learner.checkpoint import list_checkpoints
 
     run_dir = cell_dir(out, problem, label, seed)
     if run_dir.exists() and list_checkpoints(run_dir):
@@ -126,12 +120,6 @@ def run_cell(suite: Suite, problem: str, label: str, seed: int, out: Path, pool)
 
 def run_suite(suite: Suite, out: Path) -> Path:
     """Run (or finish) every pilot and cell of ``suite`` into ``out``; then write the report."""
-    import ray
-
-    from ppg.driver import connect_ray, start_pool
-    from ppg.experiment.report import write_report
-    from ppg.models import resolve_model
-
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     _record_suite(suite, out)
@@ -140,7 +128,7 @@ def run_suite(suite: Suite, out: Path) -> Path:
     pilots = [(p, s) for p in suite.problems for s in suite.seeds] if suite.selector else []
     cells = suite.cells()
     progress = GridProgress(len(pilots) + len(cells))
-    connect_ray()
+    connect()
     pool = start_pool(first, policy_path)
     try:
         for problem, seed in pilots:

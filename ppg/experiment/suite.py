@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from ppg.config import ConfigError, PPGConfig, load_config
+from ppg.config import ConfigError, PPGConfig, check_trainable, load_config, parse_yaml
 from ppg.objectives import PolicyClass
 
 
@@ -135,7 +135,7 @@ def load_suite(path: str | Path) -> Suite:
     if not path.is_file():
         raise SuiteError(f"suite file {path} does not exist (see experiments/*.yaml for examples)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text())
         suite = Suite.model_validate(raw)
     except yaml.YAMLError as e:
         raise SuiteError(f"{path}: not valid YAML: {e}") from None
@@ -145,7 +145,16 @@ def load_suite(path: str | Path) -> Suite:
     for problem in suite.problems:  # every cell must be a valid run before anything starts
         for label in suite.classes_for(problem):
             try:
-                suite.config(problem, label, suite.seeds[0])
+                check_trainable(suite.config(problem, label, suite.seeds[0]))
             except ConfigError as e:
                 raise SuiteError(f"{path}: problem {problem!r} x class {label!r}: {e}") from None
     return suite
+
+
+# The output folder's layout (see ppg/experiment/runner.py): the runner writes it, the report reads it.
+def cell_dir(out: Path, problem: str, label: str, seed: int) -> Path:
+    return out / "runs" / problem / label / f"seed{seed}"
+
+
+def pilot_path(out: Path, problem: str, seed: int) -> Path:
+    return out / "pilots" / f"{problem}-seed{seed}.json"

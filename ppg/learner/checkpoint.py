@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ppg.config import PPGConfig
+from ppg.files import fsync_dir, fsync_tree
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
 TOKENIZER_FILES = (
@@ -71,7 +72,7 @@ def save_checkpoint(
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     (tmp / CONFIG).write_text(config.to_yaml())
-    _fsync_tree(tmp)  # the data is on disk before the rename makes it visible
+    fsync_tree(tmp)  # the data is on disk before the rename makes it visible
     if final.exists():  # re-saving the same iteration (e.g. the final one): swap it whole
         old = root / f".iter_{iteration:06d}.old-{os.getpid()}"
         os.rename(final, old)  # a crash right here is repaired by _restore_swapped
@@ -79,26 +80,8 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return final
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-        else:
-            _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
@@ -172,35 +155,40 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
             f"checkpoint {path} is incomplete: missing {missing}; use another checkpoint "
             f"(ppg keeps the last run.keep_last) or re-save it"
         )
-    from safetensors import safe_open
-
-    vocab_rows = None
     try:
-        for f in policy.glob("*.safetensors"):
-            with safe_open(f, framework="pt") as weights:
-                for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
-                    if key.endswith("embed_tokens.weight"):
-                        vocab_rows = weights.get_slice(key).get_shape()[0]
+        shapes = tensor_shapes(policy)
     except Exception as e:  # safetensors raises several types for truncated or garbled files
         raise CheckpointError(
             f"checkpoint {path}: weights are corrupt ({e}); use another checkpoint"
         ) from None
+    vocab_rows = next((v[0] for k, v in shapes.items() if k.endswith("embed_tokens.weight")), None)
     tokenizer_size = _tokenizer_size(policy / "tokenizer.json")
     if vocab_rows is not None and tokenizer_size > vocab_rows:
         raise CheckpointError(
             f"checkpoint {path}: tokenizer has {tokenizer_size} tokens but the model's embedding has {vocab_rows} "
             "rows; the tokenizer belongs to another model (copy the matching tokenizer files into the folder)"
         )
-    _check_tensors(path, policy)
+    _check_tensors(path, policy, shapes)
     return policy
 
 
-def _check_tensors(path: Path, policy: Path) -> None:
+def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a folder's safetensors, from the headers only (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(f, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
+                shapes[key] = tuple(weights.get_slice(key).get_shape())
+    return shapes
+
+
+def _check_tensors(path: Path, policy: Path, found: dict[str, tuple[int, ...]]) -> None:
     """The weights' names and shapes must be the ones config.json describes. Without this check a
     tensor of the wrong shape fails deep inside vLLM or transformers (or, for a missing one, is
     silently initialised at random by transformers). The model is built on the meta device: no
     memory, no code from the folder (``trust_remote_code`` stays off; such models are not checked)."""
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -215,11 +203,6 @@ def _check_tensors(path: Path, policy: Path) -> None:
         ) from None
     params = model.state_dict(keep_vars=True)
     expected = {k: tuple(v.shape) for k, v in params.items()}
-    found: dict[str, tuple] = {}
-    for f in policy.glob("*.safetensors"):
-        with safe_open(f, framework="pt") as weights:
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
-                found[key] = tuple(weights.get_slice(key).get_shape())
     wrong = [
         f"{k} {found[k]} (config wants {expected[k]})"
         for k in found

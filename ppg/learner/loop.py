@@ -12,13 +12,35 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from ray.train.collective import broadcast_from_rank_zero
+from torch import Tensor
+from transformers import AutoModelForCausalLM
 
 from ppg.config import PPGConfig
+from ppg.env.personas import load_personas, split_personas
 from ppg.episode import Episode, collate
+from ppg.files import atomic_write_text
+from ppg.learner.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_state,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from ppg.learner.metrics import MetricsWriter
+from ppg.learner.update import PolicyLearner, UpdateStats, check_staleness, global_advantages
+from ppg.policy_registry import publish_policy
+from ppg.ray_session import POOL_ACTOR
+from ppg.rollout.pool import plan_requests
 
-POOL_ACTOR = "ppg-rollout-pool"
+ATTEMPT_MARKER = ".learner-attempt"  # the run's attempt token: present = this learner is a restart
 
 
 def batch_fingerprint(episodes: list[Episode]) -> str:
@@ -30,8 +52,6 @@ def batch_fingerprint(episodes: list[Episode]) -> str:
 
 
 def iteration_requests(config: PPGConfig, personas, iteration: int):
-    from ppg.rollout.pool import plan_requests
-
     r = config.rollout
     return plan_requests(
         personas,
@@ -43,19 +63,161 @@ def iteration_requests(config: PPGConfig, personas, iteration: int):
     )
 
 
+@dataclass
+class Batch:
+    """One iteration's training batch, as rank 0 shares it with every rank."""
+
+    episodes: list[Episode]
+    advantages: Tensor  # [B, T], computed on the whole batch
+    dropped: int  # episodes older than the staleness bound
+    fingerprint: str
+    seconds: dict[str, float]  # rollout (wall), generate, environment
+
+
+class BatchCollector:
+    """Rank 0's side of the rollout pool: asks for an iteration's episodes (the next iteration's
+    already in flight with ``run.async_rollouts``), keeps those the learner may use, and scores them."""
+
+    def __init__(self, config: PPGConfig) -> None:
+        self.config = config
+        self.pool = ray.get_actor(POOL_ACTOR)
+        self.personas, _ = split_personas(load_personas(config.problem.personas_file))
+        self.prefetch = None
+
+    def collect(self, iteration: int, version: int) -> Batch:
+        start = time.perf_counter()
+        ref = self.prefetch or self.pool.collect.remote(
+            iteration_requests(self.config, self.personas, iteration)
+        )
+        results = ray.get(ref)
+        self.prefetch = None
+        if self.config.run.async_rollouts and iteration + 1 < self.config.run.iterations:
+            requests = iteration_requests(self.config, self.personas, iteration + 1)
+            self.prefetch = self.pool.collect.remote(requests)
+        episodes = [e for r in results for e in r.episodes]
+        learner = self.config.learner
+        usable = check_staleness(episodes, version, learner.max_staleness, learner.off_policy)
+        if not usable:
+            raise RuntimeError(f"iteration {iteration}: every episode was older than learner.max_staleness")
+        return Batch(
+            usable,
+            global_advantages(usable, self.config.objective),
+            len(episodes) - len(usable),
+            batch_fingerprint(usable),
+            {
+                "rollout": time.perf_counter() - start,
+                "generate": max(r.seconds["generate"] for r in results),
+                "environment": max(r.seconds["environment"] for r in results),
+            },
+        )
+
+    def restart_from(self, version: int, policy: Path) -> None:
+        """Every rollout worker back to a checkpoint's weights and version."""
+        ray.get(self.pool.update_weights.remote(version, str(policy)))
+
+    def publish(self, version: int, model: torch.nn.Module) -> int:
+        """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
+        weights = ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        if self.config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
+            publish_policy(self.config.serve.app_name, version, weights)
+        acks = ray.get(self.pool.update_weights.remote(version, weights))
+        if set(acks.values()) != {version}:
+            raise RuntimeError(
+                f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
+            )
+        return len(acks)
+
+
+def starting_checkpoint(loop_config: dict) -> str | None:
+    """Where this attempt of the learner starts (rank 0 decides). The first attempt starts where the
+    driver said: a new run, or ``--resume``'s checkpoint. A later attempt is Ray Train restarting the
+    learner after a worker died (``run.max_failures``): it continues from the run's newest
+    checkpoint, exactly as ``--resume`` would."""
+    run_dir = Path(loop_config["run_dir"])
+    marker = run_dir / ATTEMPT_MARKER
+    restarted = marker.is_file() and marker.read_text() == loop_config["attempt_token"]
+    atomic_write_text(marker, loop_config["attempt_token"])
+    if restarted and list_checkpoints(run_dir):
+        latest = latest_checkpoint(run_dir)
+        print(f"[ppg] the learner restarted after a failure; continuing from {latest}", flush=True)
+        return str(latest)
+    return loop_config.get("resume_from")
+
+
+def build_learner(config: PPGConfig, loop_config: dict, world: int, checkpoint: str | None) -> PolicyLearner:
+    start = Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"]
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    reference = None
+    if config.learner.kl_coef > 0:
+        reference = AutoModelForCausalLM.from_pretrained(loop_config["reference_path"], dtype=torch.float32)
+        reference.eval().requires_grad_(False)
+    model = ray.train.torch.prepare_model(model)
+    return PolicyLearner(model, config.objective, config.learner, config.run.iterations, reference, world)
+
+
+def restore(learner: PolicyLearner, checkpoint: str | None, rank: int) -> dict:
+    """The optimizer, schedule and RNG streams of a checkpoint, so a resumed run repeats its killed
+    twin exactly; returns ``{"iteration", "policy_version"}`` (zeros for a new run)."""
+    if not checkpoint:
+        return {"iteration": 0, "policy_version": 0}
+    state, trainer_state = load_state(checkpoint)
+    learner.optimizer.load_state_dict(trainer_state["optimizer"])
+    learner.scheduler.load_state_dict(trainer_state["scheduler"])
+    rng = trainer_state["torch_rng"]
+    torch.set_rng_state(rng[rank] if rank < len(rng) else torch.get_rng_state())
+    random.setstate(trainer_state["python_rng"])
+    return state
+
+
+def update(learner: PolicyLearner, batch: Batch, rank: int, world: int, version: int) -> UpdateStats:
+    """This rank's shard of the batch, one optimizer step (DDP averages the gradients)."""
+    mine = list(range(rank, len(batch.episodes), world))
+    shard = collate([batch.episodes[i] for i in mine])
+    agent_tokens = sum(sum(e.agent_mask) for e in batch.episodes)
+    return learner.step(shard, batch.advantages[mine], len(batch.episodes), agent_tokens, version)
+
+
+def iteration_report(batch: Batch, stats: UpdateStats, version: int, acked: int, seconds: dict) -> dict:
+    rewards = [r for e in batch.episodes for r in e.rewards]
+    episodes = len(batch.episodes)
+    return {
+        "reward_mean": sum(rewards) / len(rewards),
+        "episode_return_mean": sum(sum(e.rewards) for e in batch.episodes) / episodes,
+        "episodes": episodes,
+        "dropped_stale": batch.dropped,
+        "weights_acked_by": acked,
+        "policy_version": version,
+        "loss": stats.loss,
+        "pg_loss": stats.pg_loss,
+        "kl": stats.kl,
+        "grad_norm": stats.grad_norm,
+        "lr": stats.lr,
+        "importance_weight": stats.importance_weight,
+        "episodes_per_s": episodes / (seconds["rollout"] + seconds["learner"]),
+        "time_rollout": batch.seconds["rollout"],
+        "time_generate": batch.seconds["generate"],
+        "time_environment": batch.seconds["environment"],
+        "time_learner": seconds["learner"],
+        "time_broadcast": seconds["broadcast"],
+        "time_iteration": sum(seconds.values()),
+        "batch_fingerprint": batch.fingerprint,
+    }
+
+
+def save(config: PPGConfig, loop_config: dict, learner: PolicyLearner, model, iteration: int, version: int):
+    trainer_state = {
+        "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict(),
+        "torch_rng": [torch.get_rng_state()],
+        "python_rng": random.getstate(),
+    }
+    state = {"iteration": iteration + 1, "policy_version": version}
+    run_dir = loop_config["run_dir"]
+    save_checkpoint(run_dir, iteration + 1, model, loop_config["tokenizer_dir"], trainer_state, state, config)
+    prune_checkpoints(run_dir, config.run.keep_last)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray
-    import ray.train
-    import ray.train.torch
-    from ray.train.collective import broadcast_from_rank_zero
-    from transformers import AutoModelForCausalLM
-
-    from ppg.env.personas import load_personas, split_personas
-    from ppg.learner.checkpoint import load_state, prune_checkpoints, save_checkpoint
-    from ppg.learner.metrics import MetricsWriter
-    from ppg.learner.update import PolicyLearner, check_staleness, global_advantages
-    from ppg.serve.registry import publish_policy
-
     config = PPGConfig.model_validate(loop_config["config"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -64,143 +226,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # reserved CPUs, not the inherited environment, so a resumed run repeats its killed twin exactly.
     if not config.learner.use_gpu:
         torch.set_num_threads(max(1, int(config.learner.cpus_per_worker)))
-
-    model = AutoModelForCausalLM.from_pretrained(loop_config["policy_path"], dtype=torch.float32)
-    reference = None
-    if config.learner.kl_coef > 0:
-        reference = AutoModelForCausalLM.from_pretrained(
-            loop_config["reference_path"], dtype=torch.float32
-        ).eval()
-        reference.requires_grad_(False)
-    model = ray.train.torch.prepare_model(model)
-    learner = PolicyLearner(model, config.objective, config.learner, config.run.iterations, reference, world)
-    state = {"iteration": 0, "policy_version": 0}
-    if loop_config.get("resume_from"):
-        state, trainer_state = load_state(loop_config["resume_from"])
-        learner.optimizer.load_state_dict(trainer_state["optimizer"])
-        learner.scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(
-            trainer_state["torch_rng"][rank]
-            if rank < len(trainer_state["torch_rng"])
-            else torch.get_rng_state()
-        )
-        random.setstate(trainer_state["python_rng"])
-    version = state["policy_version"]
-    run_dir = loop_config["run_dir"]
-
+    checkpoint = broadcast_from_rank_zero(starting_checkpoint(loop_config) if rank == 0 else None)
+    learner = build_learner(config, loop_config, world, checkpoint)
+    model = learner.model.module if hasattr(learner.model, "module") else learner.model
+    state = restore(learner, checkpoint, rank)
+    version, first, last = state["policy_version"], state["iteration"], config.run.iterations
     if rank == 0:
-        pool = ray.get_actor(POOL_ACTOR)
-        personas, _ = split_personas(load_personas(config.problem.personas_file))
-        metrics = MetricsWriter(run_dir)
-        prefetch = None
-    start_time, start_iteration = time.perf_counter(), state["iteration"]
+        collector, metrics = BatchCollector(config), MetricsWriter(loop_config["run_dir"])
+        if checkpoint:  # the workers may hold newer weights than the checkpoint (a restart)
+            collector.restart_from(version, Path(checkpoint) / "policy")
+    start = time.perf_counter()
 
-    for iteration in range(state["iteration"], config.run.iterations):
+    for iteration in range(first, last):
         t0 = time.perf_counter()
-        payload = None
-        if rank == 0:
-            requests = iteration_requests(config, personas, iteration)
-            ref = prefetch if prefetch is not None else pool.collect.remote(requests)
-            results = ray.get(ref)
-            prefetch = None
-            if config.run.async_rollouts and iteration + 1 < config.run.iterations:
-                prefetch = pool.collect.remote(iteration_requests(config, personas, iteration + 1))
-            t_rollout = time.perf_counter()
-            episodes = [e for r in results for e in r.episodes]
-            fresh = check_staleness(episodes, version, config.learner.max_staleness)
-            if config.learner.off_policy == "reject":
-                fresh = [e for e in fresh if e.policy_version == version]
-            dropped = len(episodes) - len(fresh)
-            if not fresh:
-                raise RuntimeError(
-                    f"iteration {iteration}: every episode was older than learner.max_staleness"
-                )
-            advantages = global_advantages(fresh, config.objective)
-            payload = {
-                "episodes": fresh,
-                "advantages": advantages,
-                "timing": {
-                    "rollout": t_rollout - t0,
-                    "generate": max(r.seconds["generate"] for r in results),
-                    "environment": max(r.seconds["environment"] for r in results),
-                },
-                "dropped": dropped,
-                "fingerprint": batch_fingerprint(fresh),
-            }
         # The batch travels through the object store; the collective only carries its reference.
-        [payload_ref] = broadcast_from_rank_zero([ray.put(payload)] if rank == 0 else None)
-        payload = ray.get(payload_ref)
-        episodes, advantages = payload["episodes"], payload["advantages"]
-
+        shared = [ray.put(collector.collect(iteration, version))] if rank == 0 else None
+        batch: Batch = ray.get(broadcast_from_rank_zero(shared)[0])
         t_learn = time.perf_counter()
-        mine = list(range(rank, len(episodes), world))
-        shard = collate([episodes[i] for i in mine])
-        all_agent_tokens = sum(sum(e.agent_mask) for e in episodes)
-        stats = learner.step(shard, advantages[mine], len(episodes), all_agent_tokens, version)
+        stats = update(learner, batch, rank, world, version)
         version += 1
         t_update = time.perf_counter()
 
         report = {}
         if rank == 0:
-            unwrapped = model.module if hasattr(model, "module") else model
-            weights = ray.put({k: v.detach().cpu().clone() for k, v in unwrapped.state_dict().items()})
-            if config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
-                publish_policy(config.serve.app_name, version, weights)
-            acks = ray.get(pool.update_weights.remote(version, weights))
-            if set(acks.values()) != {version}:
-                raise RuntimeError(
-                    f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
-                )
-            t_broadcast = time.perf_counter()
-            rewards = [r for e in episodes for r in e.rewards]
-            done = iteration + 1 - start_iteration
-            elapsed = time.perf_counter() - start_time
-            report = {
-                "reward_mean": sum(rewards) / len(rewards),
-                "episode_return_mean": sum(sum(e.rewards) for e in episodes) / len(episodes),
-                "episodes": len(episodes),
-                "dropped_stale": payload["dropped"],
-                "weights_acked_by": len(acks),
-                "policy_version": version,
-                "loss": stats.loss,
-                "pg_loss": stats.pg_loss,
-                "kl": stats.kl,
-                "grad_norm": stats.grad_norm,
-                "lr": stats.lr,
-                "importance_weight": stats.importance_weight,
-                "episodes_per_s": len(episodes) / (t_update - t0),
-                "time_rollout": payload["timing"]["rollout"],
-                "time_generate": payload["timing"]["generate"],
-                "time_environment": payload["timing"]["environment"],
-                "time_learner": t_update - t_learn,
-                "time_broadcast": t_broadcast - t_update,
-                "time_iteration": t_broadcast - t0,
-                "batch_fingerprint": payload["fingerprint"],
+            acked = collector.publish(version, model)
+            seconds = {
+                "rollout": t_learn - t0,
+                "learner": t_update - t_learn,
+                "broadcast": time.perf_counter() - t_update,
             }
+            report = iteration_report(batch, stats, version, acked, seconds)
             metrics.write(iteration, report)
             if config.run.sample_every and (iteration + 1) % config.run.sample_every == 0:
-                metrics.write_samples(iteration, episodes)  # what the policy says, not just its reward
-            last = iteration + 1 == config.run.iterations
-            if (iteration + 1) % config.run.checkpoint_every == 0 or last:
-                trainer_state = {
-                    "optimizer": learner.optimizer.state_dict(),
-                    "scheduler": learner.scheduler.state_dict(),
-                    "torch_rng": [torch.get_rng_state()],
-                    "python_rng": random.getstate(),
-                }
-                save_checkpoint(
-                    run_dir,
-                    iteration + 1,
-                    unwrapped,
-                    loop_config["tokenizer_dir"],
-                    trainer_state,
-                    {"iteration": iteration + 1, "policy_version": version},
-                    config,
-                )
-                prune_checkpoints(run_dir, config.run.keep_last)
-            eta = elapsed / done * (config.run.iterations - iteration - 1)
+                metrics.write_samples(iteration, batch.episodes)  # what the policy says, not just its reward
+            if (iteration + 1) % config.run.checkpoint_every == 0 or iteration + 1 == last:
+                save(config, loop_config, learner, model, iteration, version)
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (iteration + 1 - first) * (last - iteration - 1)
             print(
-                f"[ppg] iter {iteration + 1}/{config.run.iterations}  reward {report['reward_mean']:+.3f}  "
+                f"[ppg] iter {iteration + 1}/{last}  reward {report['reward_mean']:+.3f}  "
                 f"loss {stats.loss:+.3f}  {report['episodes_per_s']:.1f} episodes/s  "
                 f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s",
                 flush=True,

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ppg.config import LearnerConfig
 from ppg.episode import Episode, EpisodeBatch, collate
-from ppg.loss import policy_gradient_loss, token_logprobs
+from ppg.loss import kl_penalty, policy_gradient_loss, token_logprobs
 from ppg.objectives import Objective
 
 
@@ -29,14 +29,17 @@ def global_advantages(episodes: list[Episode], objective: Objective) -> Tensor:
     return objective.advantages(batch.rewards, batch.valid, batch.segment_ids, batch.group_ids)
 
 
-def check_staleness(episodes: list[Episode], version: int, max_staleness: int) -> list[Episode]:
-    """Episodes within the staleness bound; the learner never mixes in older ones silently."""
-    fresh = [e for e in episodes if version - e.policy_version <= max_staleness]
+def check_staleness(
+    episodes: list[Episode], version: int, max_staleness: int, off_policy: str = "importance"
+) -> list[Episode]:
+    """The episodes the learner may use at ``version``: within the staleness bound, and only
+    on-policy ones when ``off_policy`` is "reject". Nothing older is ever mixed in silently."""
     if any(e.policy_version > version for e in episodes):
         raise StaleEpisodeError(
             f"episodes from a future policy version (> {version}): the version bookkeeping is broken"
         )
-    return fresh
+    bound = 0 if off_policy == "reject" else max_staleness
+    return [e for e in episodes if version - e.policy_version <= bound]
 
 
 def lr_lambda(config: LearnerConfig, total_steps: int):
@@ -126,11 +129,10 @@ class PolicyLearner:
                 ref_logits = self.reference(
                     input_ids=ids, attention_mask=attention.long(), position_ids=positions
                 ).logits
-            ref_logprobs = token_logprobs(ref_logits, ids)
-            delta = (ref_logprobs - logprobs).clamp(-20, 20)
-            per_token = torch.exp(delta) - delta - 1  # k3: unbiased, non-negative estimate of KL(pi || ref)
-            kl = (per_token * agent).sum() / agent.sum().clamp(min=1)
-        loss = pg_loss + self.config.kl_coef * kl * scale
+            kl_loss, kl = kl_penalty(logprobs, token_logprobs(ref_logits, ids), agent)
+            loss = pg_loss + self.config.kl_coef * kl_loss * scale
+        else:
+            loss = pg_loss
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from ppg.env.corpus import sft_conversations
 from ppg.models.sft import SFTResult, SFTSpec, train_sft
 from ppg.models.tiny import TinyModelSpec, init_model, num_parameters, save_model_folder
 from ppg.models.tokenizer import Message, conversation_texts, train_tokenizer
@@ -51,13 +53,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PPG_CACHE_DIR", "~/.cache/ppg")).expanduser() / "models"
 
 
+# A Hugging Face hub id: "name" or "org/name" (letters, digits, - _ .), never two slashes.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
 def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> str:
     """Return a local folder (or, for hub names, the name itself) that transformers and vLLM can load.
 
     - ``embedded:tiny``: built on first use (~1-2 min on CPU) under ``cache_dir``, then reused.
     - an existing folder: checked for config.json, safetensors weights and a tokenizer.
-    - a missing path (starting with ``/``, ``.`` or ``~``): an error naming it.
-    - anything else: a hub name, returned unchanged (nothing is downloaded here).
+    - a missing path (starting with ``/``, ``.`` or ``~``, not shaped like a hub id, or under a
+      folder that exists here): an error naming it.
+    - a hub id (``org/name``): returned unchanged (nothing is downloaded here).
     """
     if not name_or_path.strip():
         raise ModelPathError(f"empty model name; use '{EMBEDDED_PREFIX}tiny', an HF folder or a hub name")
@@ -66,10 +73,13 @@ def resolve_model(name_or_path: str, cache_dir: Path | None = None) -> str:
     path = Path(name_or_path).expanduser()
     if path.exists():
         return str(validate_model_folder(path))
-    if name_or_path.startswith(("/", ".", "~")):
+    first = Path(name_or_path.split("/")[0])
+    if name_or_path.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(name_or_path) or first.is_dir():
+        # not a hub id (org/name), or its first part is a folder here: a local path that is missing
         raise ModelPathError(
-            f"model path {name_or_path!r} does not exist; point model.name_or_path at an HF folder "
-            f"(config.json + *.safetensors + tokenizer) or use '{EMBEDDED_PREFIX}tiny'"
+            f"model path {name_or_path!r} does not exist (under {Path.cwd()}); point "
+            "model.name_or_path at an HF folder (config.json + *.safetensors + tokenizer), a hub id "
+            f"such as Qwen/Qwen2.5-0.5B-Instruct, or '{EMBEDDED_PREFIX}tiny'"
         )
     return name_or_path
 
@@ -175,8 +185,6 @@ _CACHE_KEYS: dict[EmbeddedRecipe, str] = {}
 
 
 def _corpus(recipe: EmbeddedRecipe) -> list[list[dict]]:
-    from ppg.env.corpus import sft_conversations  # lazy: the env package is heavier than this module
-
     return sft_conversations(recipe.num_conversations, recipe.corpus_seed)
 
 

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from ppg.files import fsync_tree
 from ppg.models.tokenizer import stop_token_ids
 
 VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -129,7 +130,7 @@ def save_model_folder(
         tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        _fsync_dir_files(tmp)
+        fsync_tree(tmp)
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -141,11 +142,3 @@ def save_model_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _fsync_dir_files(folder: Path) -> None:
-    """Flush file contents before the rename publishes them (a crash must not leave empty files)."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())

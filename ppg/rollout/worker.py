@@ -10,12 +10,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import ray
+
 from ppg.config import PPGConfig
+from ppg.env.llm import RemoteChatLLM
 from ppg.episode import Episode
+from ppg.ray_session import CHAT_LLM_ACTOR
 from ppg.rollout.engine import EngineConfig, SamplingSpec, Weights, make_engine
 from ppg.rollout.trace import TokenPolicy
-
-CHAT_LLM_ACTOR = "ppg-chat-llm"  # the shared LLM partner/judge actor, when the config asks for one
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,8 @@ class RolloutWorker:
         self.policy_version = 0
 
     def _shared_llm(self):
-        if "llm" not in (self.config.problem.partner, self.config.problem.judge):
+        if not self.config.problem.uses_llm:
             return None
-        import ray
-
-        from ppg.env.llm import RemoteChatLLM
-
         return RemoteChatLLM(ray.get_actor(CHAT_LLM_ACTOR))
 
     def ready(self) -> str:

@@ -17,7 +17,7 @@ Concurrent requests on a replica are fused into one ``generate`` call (``serve.b
 worker thread, so the event loop keeps accepting. A reload takes the write side of a readers-writer
 lock: it waits for in-flight batches and holds new ones back until the weights are switched, so no
 request is dropped and each is answered entirely by one version. How a reload reaches every
-replica: ``ppg/serve/registry.py``.
+replica: ``ppg/policy_registry.py``.
 """
 
 from __future__ import annotations
@@ -425,7 +425,7 @@ class PolicyServer:
 
     def _registry_actor(self):
         if self._registry is None:
-            from ppg.serve.registry import get_registry
+            from ppg.policy_registry import get_registry
 
             self._registry = get_registry(self.app_name)
         return self._registry

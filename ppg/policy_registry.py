@@ -19,6 +19,8 @@ from pathlib import Path
 
 import ray
 
+from ppg.ray_session import shareable_weights
+
 NAMESPACE = "ppg-serve"
 
 
@@ -45,7 +47,8 @@ class PolicyRegistry:
         if version <= self.version:
             return False
         self.version = version
-        self.payload = str(weights) if isinstance(weights, (str, Path)) else [ray.put(dict(weights))]
+        shared = shareable_weights(weights)
+        self.payload = shared if isinstance(shared, str) else [shared]  # in a list: not dereferenced
         return True
 
     def newer_than(self, version: int):

@@ -1,0 +1,37 @@
+"""How a ppg process joins Ray, and the names by which its processes find each other's actors.
+
+Named actors are the system's meeting points: the learner, ``cluster/scale_rollout.py`` and the
+experiment runner find the rollout pool by name; rollout workers find the shared LLM partner/judge
+by name. Keeping the names here lets any module use them without importing the modules that start
+those actors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ray
+
+POOL_ACTOR = "ppg-rollout-pool"  # the RolloutPool (ppg/rollout/pool.py)
+CHAT_LLM_ACTOR = "ppg-chat-llm"  # the shared LLM partner/judge, when the config asks for one
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # address="local": always a new cluster, never one a `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
+def shareable_weights(weights: Mapping[str, Any] | str | Path) -> str | ray.ObjectRef:
+    """Weights in the form that crosses processes cheaply: a checkpoint folder as its path (each
+    reader loads it), a state dict put into the object store once (every worker reads the same
+    object; an ObjectRef also survives the caller that sent it)."""
+    return str(weights) if isinstance(weights, (str, Path)) else ray.put(dict(weights))
