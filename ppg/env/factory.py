@@ -24,14 +24,12 @@ class Environment:
     eval_personas: list[Persona]
     partner: Partner
     judge: Judge
-    llm: Any = None  # the shared LLM client, when the partner or judge needs one
 
 
 def make_environment(config: PPGConfig, llm: Any = None) -> Environment:
     problem = make_problem(config.problem)
     train, held_out = split_personas(load_personas(config.problem.personas_file))
-    needs_llm = config.problem.partner == "llm" or config.problem.judge == "llm"
-    if needs_llm and llm is None:
+    if config.problem.uses_llm and llm is None:
         raise ValueError(
             "problem.partner or problem.judge is 'llm': pass the shared LLM client as llm= "
             "(the driver starts it: ppg.driver.start_workers_chat_llm)"
@@ -39,4 +37,4 @@ def make_environment(config: PPGConfig, llm: Any = None) -> Environment:
     partner: Partner = LLMPartner(llm) if config.problem.partner == "llm" else ScriptedPartner()
     judges = {"rule": RuleJudge, "embedding": EmbeddingJudge, "llm": lambda: LLMJudge(llm)}
     judge: Judge = judges[config.problem.judge]()
-    return Environment(problem, train, held_out, partner, judge, llm)
+    return Environment(problem, train, held_out, partner, judge)

@@ -16,11 +16,13 @@ The engine itself is ``ppg.rollout.engine.VLLMEngine``, the same wrapper the rol
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from pathlib import Path
 from typing import Any, Literal
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 from ppg.env.llm_judge_parse import JudgeParseError, parse_score
 
@@ -194,21 +196,7 @@ def _check_choices(choices: list[str]) -> None:
         raise ValueError(f"choices must be distinct non-empty strings, got {choices!r}")
 
 
-@functools.cache
-def _actor_class() -> Any:
-    import ray  # lazy: importing the parser or ChatLLM must not import (and configure) Ray
-
-    return ray.remote(ChatLLM)
-
-
-def __getattr__(name: str) -> Any:
-    """``ChatLLMActor``: `ChatLLM` as a Ray actor class, created on first access (see `_actor_class`).
-
-    Prefer `start_chat_llm_actor`, which also sets resources and the vLLM environment.
-    """
-    if name == "ChatLLMActor":
-        return _actor_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+ChatLLMActor = ray.remote(ChatLLM)  # the bare actor class; start_chat_llm_actor also sets options
 
 
 def start_chat_llm_actor(
@@ -240,7 +228,7 @@ def start_chat_llm_actor(
     }
     if name is not None:
         options["name"] = name
-    return _actor_class().options(**options).remote(model_path, kv_cache_gib=kv_cache_gib, **llm_kwargs)
+    return ChatLLMActor.options(**options).remote(model_path, kv_cache_gib=kv_cache_gib, **llm_kwargs)
 
 
 class ChatLLMUnavailable(RuntimeError):
@@ -268,8 +256,6 @@ class RemoteChatLLM:
         return self._call("choose", conversations, choices, **kwargs)
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        import ray
-        from ray.exceptions import RayActorError
 
         for attempt in range(self.retries + 1):
             try:
@@ -292,8 +278,6 @@ class RemoteChatLLM:
     def _wait_until_back(self, method: str, error: Exception) -> None:
         """Poll ``ready`` while Ray restarts the actor (its engine loads again); an actor that is
         dead for good, or not back within ``ready_timeout_s``, ends the wait with an error."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError
 
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:

@@ -13,12 +13,15 @@ import logging
 import random
 import threading
 from collections import deque
-from pathlib import Path
 from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from ppg.config import PPGConfig
 from ppg.env.personas import Persona
 from ppg.episode import Episode
+from ppg.ray_session import shareable_weights
 from ppg.rollout.engine import Weights, engine_actor_env
 from ppg.rollout.worker import RolloutRequest, RolloutResult, RolloutWorker
 
@@ -33,9 +36,6 @@ class RolloutPool:
         num_workers: int | None = None,
         name_prefix: str = "ppg-rollout",
     ) -> None:
-        import ray
-
-        self._ray = ray
         self.config, self.model_path, self.name_prefix = config, model_path, name_prefix
         self.workers: dict[str, Any] = {}  # name -> actor handle
         self.policy_version = 0
@@ -45,6 +45,7 @@ class RolloutPool:
         self._lock = threading.RLock()
         self._target = num_workers or config.rollout.num_workers
         self.replaced = 0  # workers replaced after dying (for metrics and tests)
+        self._busy: set[str] = set()  # workers running a request of the current collect
         self._reconcile(wait=True)
 
     # --- size ---------------------------------------------------------------------------------
@@ -57,18 +58,18 @@ class RolloutPool:
             raise ValueError(f"rollout.num_workers must be >= 1, got {num_workers}")
         with self._lock:
             self._target = num_workers
-        self._reconcile(busy=set(), wait=wait)
+        self._reconcile(wait=wait)  # collect's busy workers (if one runs) are not the ones stopped
 
     def _reconcile(self, busy: set[str] | None = None, wait: bool = False) -> None:
         """Launch or stop workers toward the target; activate the launched ones that are ready.
         ``wait``: block (without the lock) until every launched worker is ready."""
-        busy = busy if busy is not None else getattr(self, "_busy", set())
+        busy = busy if busy is not None else self._busy
         with self._lock:
             while len(self.workers) + len(self._starting) < self._target:
                 self._launch_worker()
             while len(self.workers) + len(self._starting) > self._target and self._starting:
                 name, (actor, _) = self._starting.popitem()  # not started yet: the cheapest to drop
-                self._ray.kill(actor)
+                ray.kill(actor)
             idle = [n for n in self.workers if n not in busy]
             while len(self.workers) + len(self._starting) > self._target and idle:
                 self._stop_worker(idle.pop())
@@ -76,7 +77,7 @@ class RolloutPool:
         if not starting:
             return
         refs = {ref: name for name, (_, ref) in starting.items()}
-        ready, _ = self._ray.wait(list(refs), num_returns=len(refs), timeout=None if wait else 0)
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=None if wait else 0)
         for ref in ready:
             self._activate(refs[ref], ref)
 
@@ -106,37 +107,37 @@ class RolloutPool:
             if entry is None:  # dropped by a shrink meanwhile
                 return
             actor = entry[0]
-            self._ray.get(ready_ref)
+            ray.get(ready_ref)
             if self._weights is not None:  # current weights before any work
-                self._ray.get(actor.update_weights.remote(self.policy_version, self._weights))
+                ray.get(actor.update_weights.remote(self.policy_version, self._weights))
             self.workers[name] = actor
         log.info("rollout worker %s started (policy version %d)", name, self.policy_version)
 
     def _stop_worker(self, name: str) -> None:
         actor = self.workers.pop(name)
-        self._ray.kill(actor)
+        ray.kill(actor)
         log.info("rollout worker %s stopped", name)
 
     # --- weights ------------------------------------------------------------------------------
 
     def update_weights(self, version: int, weights: Weights) -> dict[str, int]:
         """Push version ``version`` to every worker; returns each worker's reported version."""
-        ref = str(weights) if isinstance(weights, (str, Path)) else self._ray.put(dict(weights))
+        ref = shareable_weights(weights)
         with self._lock:
             self._weights, self.policy_version = ref, version
             names = list(self.workers)
-            acks = self._ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
+            acks = ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
         return dict(zip(names, acks, strict=True))
 
     def reconfigure(self, config: PPGConfig, version: int, weights: Weights) -> dict[str, int]:
         """Point every worker (and every later one) at a new run's config and weights, keeping the
         engines: starting vLLM is the expensive part of a pool. Returns each worker's version."""
-        ref = str(weights) if isinstance(weights, (str, Path)) else self._ray.put(dict(weights))
+        ref = shareable_weights(weights)
         with self._lock:
             self.config, self._weights, self.policy_version = config, ref, version
             names = list(self.workers)
             payload = config.model_dump(mode="json")
-            acks = self._ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
+            acks = ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
             self._target = config.rollout.num_workers
         self._reconcile(busy=set(), wait=True)
         return dict(zip(names, acks, strict=True))
@@ -144,23 +145,19 @@ class RolloutPool:
     def versions(self) -> dict[str, int]:
         with self._lock:
             names = list(self.workers)
-            return dict(
-                zip(names, self._ray.get([self.workers[n].version.remote() for n in names]), strict=True)
-            )
+            return dict(zip(names, ray.get([self.workers[n].version.remote() for n in names]), strict=True))
 
     # --- work ---------------------------------------------------------------------------------
 
     def collect(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
         """Run every request once, on whichever worker is free; re-issue a dead worker's request."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique within a collect call")
         pending = deque(requests)
         in_flight: dict[Any, tuple[str, RolloutRequest]] = {}
         results: dict[int, RolloutResult] = {}
-        self._busy: set[str] = set()
+        self._busy = set()
         try:
             while pending or in_flight:
                 self._reconcile(self._busy)
@@ -173,12 +170,12 @@ class RolloutPool:
                 if not in_flight:  # every worker died: wait for a replacement to come up
                     self._reconcile(self._busy, wait=True)
                     continue
-                done, _ = self._ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+                done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
                 for ref in done:
                     name, request = in_flight.pop(ref)
                     self._busy.discard(name)
                     try:
-                        result = self._ray.get(ref)
+                        result = ray.get(ref)
                     except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                         log.warning(
                             "rollout worker %s died (%s); replacing it and re-issuing request %d",
@@ -187,8 +184,10 @@ class RolloutPool:
                             request.request_id,
                         )
                         with self._lock:
-                            self.workers.pop(name, None)
+                            actor = self.workers.pop(name, None)
                             self.replaced += 1
+                        if actor is not None and isinstance(e, ActorUnavailableError):
+                            ray.kill(actor)  # unreachable, maybe alive: never two workers for one slot
                         pending.appendleft(request)
                         continue
                     if request.request_id not in results:  # a result is accepted once
@@ -204,7 +203,7 @@ class RolloutPool:
         with self._lock:
             self._target = 0
             for actor, _ in self._starting.values():
-                self._ray.kill(actor)
+                ray.kill(actor)
             self._starting.clear()
             for name in list(self.workers):
                 self._stop_worker(name)
@@ -212,8 +211,6 @@ class RolloutPool:
 
 @functools.cache
 def _remote_worker_class() -> Any:
-    import ray
-
     return ray.remote(RolloutWorker)
 
 

@@ -11,8 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+import torch
 
 from ppg.config import PPGConfig
+from ppg.env.factory import make_environment
 from ppg.env.llm import RemoteChatLLM
 from ppg.episode import Episode
 from ppg.ray_session import CHAT_LLM_ACTOR
@@ -43,8 +45,6 @@ class RolloutResult:
 
 class RolloutWorker:
     def __init__(self, config: dict, model_path: str, name: str, engine: str = "vllm") -> None:
-        from ppg.env.factory import make_environment
-
         self.config = PPGConfig.model_validate(config)
         self.name = name
         m, r = self.config.model, self.config.rollout
@@ -55,19 +55,18 @@ class RolloutWorker:
             seed=self.config.run.seed,
             kv_cache_gib=r.kv_cache_gib,
         )
-        import torch
-
         torch.set_num_threads(max(1, int(r.cpus_per_worker)))  # as many threads as CPUs reserved
         self.engine = make_engine(engine, model_path, engine_config)
-        self.env = make_environment(self.config, llm=self._shared_llm())
-        self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
-        self.sampling = SamplingSpec(r.max_tokens_per_turn, r.temperature, r.top_p)
+        self._set_environment()
         self.policy_version = 0
 
-    def _shared_llm(self):
-        if not self.config.problem.uses_llm:
-            return None
-        return RemoteChatLLM(ray.get_actor(CHAT_LLM_ACTOR))
+    def _set_environment(self) -> None:
+        """The conversation side of ``self.config``: problem, partner, judge, personas, sampling."""
+        llm = RemoteChatLLM(ray.get_actor(CHAT_LLM_ACTOR)) if self.config.problem.uses_llm else None
+        self.env = make_environment(self.config, llm=llm)
+        self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
+        r = self.config.rollout
+        self.sampling = SamplingSpec(r.max_tokens_per_turn, r.temperature, r.top_p)
 
     def ready(self) -> str:
         return self.name
@@ -83,8 +82,6 @@ class RolloutWorker:
         """Serve another run with the same engine (``ppg experiment``: one pool for a whole grid):
         a new problem, judge, partner and sampling, and ``weights`` as ``version``. What the engine was
         built with (model, dtype, context, KV cache) cannot change without a restart."""
-        from ppg.env.factory import make_environment
-
         new = PPGConfig.model_validate(config)
 
         def engine_settings(c: PPGConfig) -> tuple:
@@ -95,10 +92,7 @@ class RolloutWorker:
                 "reconfigure cannot change model.*, rollout.engine or rollout.kv_cache_gib: start a new pool"
             )
         self.config = new
-        r = new.rollout
-        self.env = make_environment(new, llm=self._shared_llm())
-        self.personas = {p.id: p for p in self.env.train_personas + self.env.eval_personas}
-        self.sampling = SamplingSpec(r.max_tokens_per_turn, r.temperature, r.top_p)
+        self._set_environment()
         return self.update_weights(version, weights)
 
     def update_weights(self, version: int, weights: Weights) -> int:

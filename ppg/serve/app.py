@@ -37,6 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
+from ppg.learner.checkpoint import tensor_shapes
 from ppg.rollout.engine import Completion, CompletionRequest
 from ppg.serve.errors import APIError, documented, install_error_handlers
 from ppg.serve.schemas import (
@@ -121,18 +122,6 @@ class JobResult:
     samples: list[Sample]
 
 
-def _tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a policy folder's safetensors (headers only)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(f, framework="pt") as weights:
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
-                shapes[key] = tuple(weights.get_slice(key).get_shape())
-    return shapes
-
-
 def _usage(prompt_tokens: int, samples: list[Sample]) -> Usage:
     completion = sum(len(s.token_ids) for s in samples)
     return Usage(
@@ -164,7 +153,7 @@ class PolicyServer:
             ),
         )
         self.tokenizer = self.engine.tokenizer
-        self._shapes = _tensor_shapes(self.policy_dir)  # what a reload must match
+        self._shapes = tensor_shapes(self.policy_dir)  # what a reload must match
         self._api_key = s.api_key()
         self._lock = ReadWriteLock()
         self._executor = ThreadPoolExecutor(
@@ -283,7 +272,7 @@ class PolicyServer:
         meta tensors, so a mismatch found halfway leaves the engine unable to generate at all
         (measured: every later request fails), i.e. one bad reload would take the replica down."""
         incoming = (
-            _tensor_shapes(Path(weights))
+            tensor_shapes(Path(weights))
             if isinstance(weights, str)
             else {k: tuple(v.shape) for k, v in weights.items()}
         )
