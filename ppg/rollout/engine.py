@@ -63,6 +63,14 @@ class SamplingSpec:
     top_p: float = 1.0
 
 
+class SamplingRefused(ValueError):
+    """The engine refuses a request's combination of sampling parameters; ``field`` names one."""
+
+    def __init__(self, message: str, field: str | None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class CompletionRequest:
     """One prompt as an API client asks for it (``ppg serve``): ``n`` samples, stop strings, and a
@@ -216,23 +224,35 @@ class VLLMEngine:
             )
         return generations
 
+    @staticmethod
+    def sampling_params(request: CompletionRequest):
+        """vLLM's own SamplingParams for a request. Building them is vLLM's validation of the whole
+        combination (e.g. n > 1 with temperature 0 is refused), so ``ppg serve`` builds them while it
+        validates a request: a refusal is that client's 400, never a failed batch of other clients.
+        Raises ``SamplingRefused`` naming the parameter."""
+        from vllm import SamplingParams
+
+        try:
+            return SamplingParams(
+                n=request.n,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop=request.stop,
+                seed=request.seed,
+            )
+        except (ValueError, TypeError) as e:
+            named = getattr(e, "parameter", None)
+            fields = ("n", "temperature", "top_p", "max_tokens", "stop", "seed")
+            field = named if named in fields else next((f for f in fields if f in str(e)), None)
+            raise SamplingRefused(str(e).split(" (parameter=")[0], field) from None
+
     def complete(self, requests: list[CompletionRequest]) -> list[list[Completion]]:
         """``ppg serve``'s sampling: one engine call for all fused requests (vLLM's throughput comes
         from batching); text for the API and token ids for usage counts and streaming."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [
-            SamplingParams(
-                n=r.n,
-                max_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                stop=r.stop,
-                seed=r.seed,
-            )
-            for r in requests
-        ]
+        params = [self.sampling_params(r) for r in requests]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests], params, use_tqdm=False
         )

@@ -38,7 +38,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
 from ppg.learner.checkpoint import tensor_shapes
-from ppg.rollout.engine import Completion, CompletionRequest
+from ppg.rollout.engine import Completion, CompletionRequest, SamplingRefused
 from ppg.serve.errors import APIError, documented, install_error_handlers
 from ppg.serve.schemas import (
     SEED_MAX,
@@ -153,6 +153,14 @@ class PolicyServer:
             ),
         )
         self.tokenizer = self.engine.tokenizer
+        self._probe_prompt = list(  # the health probe's prompt (see _engine_answers)
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": "hi"}],
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+            )
+        )
         self._shapes = tensor_shapes(self.policy_dir)  # what a reload must match
         self._api_key = s.api_key()
         self._lock = ReadWriteLock()
@@ -360,26 +368,52 @@ class PolicyServer:
                 field,
                 "context_length_exceeded",
             )
-        return Job(prompt, body.n, max_tokens, body.temperature, body.top_p, body.stop, body.seed), len(
-            prompt
-        )
+        job = Job(prompt, body.n, max_tokens, body.temperature, body.top_p, body.stop, body.seed)
+        try:  # the engine's own check of the whole combination, before it can touch a batch
+            self.engine.sampling_params(job)
+        except SamplingRefused as e:
+            raise APIError(
+                400, f"the engine refuses this request: {e}", e.field, "invalid_sampling"
+            ) from None
+        return job, len(prompt)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _generate_batch(self, jobs: list[Job]) -> list[JobResult]:
-        """One engine call for the fused requests. An exception from inside vLLM's step leaves its
-        scheduler holding requests the model runner never took (later calls then hang), so the
-        replica stops taking work: new requests get 503 at once, and ``check_health`` fails so that
-        Serve replaces the replica (the new one catches up with the registry's version)."""
+        """One engine call for the fused requests. Requests are checked by the engine's own rules
+        before they get here (``_job``), so an exception is unexpected: the batch's requests get a
+        500, and a probe (a one-token generation) decides whether the engine itself is broken. An
+        exception inside vLLM's step can leave its scheduler holding requests the model runner never
+        took (later calls then hang): if the probe fails or does not answer in time, the replica stops
+        taking work (503 at once) and ``check_health`` fails so that Serve replaces it."""
         async with self._lock.read():
             version = self.version
             loop = asyncio.get_running_loop()
             try:
                 samples = await loop.run_in_executor(self._executor, self._generate_sync, jobs)
             except Exception as e:
-                self._engine_failure = f"{type(e).__name__}: {e}"
-                logger.exception("replica %s: the engine failed; it takes no more requests", self.replica)
-                raise self._engine_failed() from e
+                logger.exception("replica %s: a batch of %d request(s) failed", self.replica, len(jobs))
+                if not await self._engine_answers():
+                    self._engine_failure = f"{type(e).__name__}: {e}"
+                    logger.error("replica %s: the engine failed its probe; no more requests", self.replica)
+                    raise self._engine_failed() from e
+                raise APIError(
+                    500,
+                    f"generation failed for this request ({type(e).__name__}); retry",
+                    type="server_error",
+                ) from e
         return [JobResult(version, s) for s in samples]
+
+    async def _engine_answers(self, timeout_s: float = 30.0) -> bool:
+        """A tiny real generation: the engine is healthy if it answers one token in time."""
+        probe = Job(self._probe_prompt, 1, 1, 0.0, 1.0, None, None)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._generate_sync, [probe]), timeout_s
+            )
+            return True
+        except Exception:
+            return False
 
     def _generate_sync(self, jobs: list[Job]) -> list[list[Sample]]:
         return self.engine.complete(jobs)
