@@ -86,8 +86,10 @@ class BatchCollector:
 
     def collect(self, iteration: int, version: int) -> Batch:
         start = time.perf_counter()
-        ref = self.prefetch or self.pool.collect.remote(
-            iteration_requests(self.config, self.personas, iteration)
+        ref = (
+            self.prefetch
+            if self.prefetch is not None
+            else self.pool.collect.remote(iteration_requests(self.config, self.personas, iteration))
         )
         results = ray.get(ref)
         self.prefetch = None
