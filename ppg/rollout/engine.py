@@ -241,7 +241,7 @@ class VLLMEngine:
                 stop=request.stop,
                 seed=request.seed,
             )
-        except (ValueError, TypeError) as e:
+        except Exception as e:  # vLLM's VLLMValidationError is no ValueError; any refusal is the request's
             named = getattr(e, "parameter", None)
             fields = ("n", "temperature", "top_p", "max_tokens", "stop", "seed")
             field = named if named in fields else next((f for f in fields if f in str(e)), None)
