@@ -88,9 +88,7 @@ def train(
     chat_llm = start_workers_chat_llm(config)  # the LLM partner/judge the rollout workers look up by name
     own_pool = pool is None
     if own_pool:
-        pool = start_pool(config, policy_path)
-        if resume_from is not None:
-            ray.get(pool.update_weights.remote(version, policy_path))
+        pool = start_pool(config, policy_path)  # the learner sets a resumed run's version on it
     else:
         ray.get(pool.reconfigure.remote(config, version, policy_path))
     service = None

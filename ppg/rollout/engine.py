@@ -23,6 +23,7 @@ mode, and an explicit KV-cache budget instead of "take 92% of the device".
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -243,8 +244,9 @@ class VLLMEngine:
             )
         except Exception as e:  # vLLM's VLLMValidationError is no ValueError; any refusal is the request's
             named = getattr(e, "parameter", None)
-            fields = ("n", "temperature", "top_p", "max_tokens", "stop", "seed")
-            field = named if named in fields else next((f for f in fields if f in str(e)), None)
+            fields = ("temperature", "top_p", "max_tokens", "stop", "seed", "n")
+            said = (f for f in fields if re.search(rf"\b{f}\b", str(e)))  # a whole word: not the n of "must"
+            field = named if named in fields else next(said, None)
             raise SamplingRefused(str(e).split(" (parameter=")[0], field) from None
 
     def complete(self, requests: list[CompletionRequest]) -> list[list[Completion]]:
