@@ -123,6 +123,13 @@ class LearnerConfig(Section):
     warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    algorithm: Literal["pg", "ppo"] = Field(
+        default="pg",
+        description="pg: one partial policy gradient step per batch; ppo: the PPO baseline - the "
+        "clipped ratio objective, learner.ppo_epochs steps per batch",
+    )
+    ppo_epochs: PositiveInt = Field(default=4, description="optimizer steps per batch with algorithm=ppo")
+    ppo_clip: float = Field(default=0.2, gt=0, lt=1, description="PPO's ratio clip epsilon")
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
     max_staleness: int = Field(
         default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy"
@@ -248,6 +255,11 @@ def check_trainable(config: PPGConfig) -> PPGConfig:
             "replies under the model's own distribution (temperature 1, no truncation), so training "
             "samples must come from it too; set rollout.temperature=1 and rollout.top_p=1 (sample "
             "otherwise in ppg eval or ppg serve)"
+        )
+    if learner.algorithm == "ppo" and config.run.async_rollouts:
+        problems.append(
+            "learner.algorithm=ppo takes its ratio against the learner's own weights before the "
+            "batch's first step, so its episodes must be on-policy: set run.async_rollouts=false"
         )
     if problems:
         raise ConfigError("config cannot train:\n  " + "\n  ".join(problems))

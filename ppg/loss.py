@@ -54,10 +54,42 @@ def policy_gradient_loss(
     if token_weights is not None:
         token_advantage = token_advantage * token_weights.detach()
     weighted = torch.where(agent_mask, logprobs * token_advantage, torch.zeros_like(logprobs))  # [B, L]
+    return -reduce_tokens(weighted, agent_mask, reduction)
+
+
+def clipped_surrogate_loss(
+    logprobs: Tensor,  # [B, L] under the policy being updated
+    old_logprobs: Tensor,  # [B, L] under the policy that sampled (before this batch's first step)
+    agent_mask: Tensor,
+    token_turn: Tensor,
+    advantages: Tensor,  # [B, T]
+    clip: float,
+    reduction: LossReduction = "sequence_mean",
+) -> tuple[Tensor, Tensor]:
+    """PPO's clipped objective, the paper's baseline: (loss, fraction of agent tokens clipped).
+
+    Per token, min(r * A, clip(r, 1 - eps, 1 + eps) * A) with r = pi / pi_old: a step that moved a
+    token's probability past the trust region in the advantage's direction earns nothing more. At
+    r = 1 (the first step on a batch) its gradient is exactly the policy gradient above.
+    """
+    B, T = advantages.shape
+    check_token_batch(logprobs, agent_mask, token_turn, T)
+    token_advantage = advantages.detach().gather(1, token_turn.clamp(0, T - 1))  # [B, L]
+    ratio = torch.exp((logprobs - old_logprobs.detach()).clamp(-20, 20))
+    surrogate = torch.minimum(ratio * token_advantage, ratio.clamp(1 - clip, 1 + clip) * token_advantage)
+    weighted = torch.where(agent_mask, surrogate, torch.zeros_like(surrogate))
+    # where the clip is active (no gradient): past the region in the advantage's direction
+    active = ((ratio > 1 + clip) & (token_advantage > 0)) | ((ratio < 1 - clip) & (token_advantage < 0))
+    clipped = (active & agent_mask).sum() / agent_mask.sum().clamp(min=1)
+    return -reduce_tokens(weighted, agent_mask, reduction), clipped.detach()
+
+
+def reduce_tokens(weighted: Tensor, agent_mask: Tensor, reduction: LossReduction) -> Tensor:
+    """Sum over the agent's tokens, per episode (sequence_mean) or per token (token_mean)."""
     if reduction == "sequence_mean":
-        return -weighted.sum() / B
+        return weighted.sum() / weighted.shape[0]
     if reduction == "token_mean":
-        return -weighted.sum() / agent_mask.sum().clamp(min=1)
+        return weighted.sum() / agent_mask.sum().clamp(min=1)
     raise ObjectiveInputError(
         f"learner.loss_reduction must be 'sequence_mean' or 'token_mean', got {reduction!r}"
     )

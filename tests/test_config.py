@@ -187,6 +187,10 @@ def test_ppg_bad_config_exits_2_with_the_field_named(capsys):
         (["run.async_rollouts=true", "learner.max_staleness=1", "learner.off_policy=reject"], "reject"),
         (["rollout.temperature=0.7"], "rollout.temperature=0.7"),
         (["rollout.top_p=0.9"], "rollout.top_p=0.9"),
+        (
+            ["learner.algorithm=ppo", "run.async_rollouts=true", "learner.max_staleness=1"],
+            "learner.algorithm=ppo",
+        ),
     ],
 )
 def test_combinations_that_cannot_train_are_refused_before_anything_starts(

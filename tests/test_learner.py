@@ -325,3 +325,24 @@ def test_importance_weights_apply_only_to_stale_episodes(model_path, episodes):
     plain = grads(None, None)
     assert torch.equal(grads(0.5, version), plain)  # on-policy: the sampler's log-probs are ignored
     assert not torch.allclose(grads(0.5, version + 1), plain)  # one version old: weighted
+
+
+def test_ppo_baseline_first_epoch_is_the_policy_gradient_step(model_path, episodes):
+    """learner.algorithm=ppo with one epoch takes exactly the policy gradient step; with four, each
+    later step is clipped against the weights the batch was sampled with (reported per update)."""
+    advantages = global_advantages(episodes, Objective())
+    tokens = sum(sum(e.agent_mask) for e in episodes)
+
+    def after(config: LearnerConfig):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        learner = PolicyLearner(model, Objective(), config, total_steps=1)
+        stats = learner.step(collate(episodes), advantages, len(episodes), tokens)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), stats
+
+    pg, _ = after(LearnerConfig(lr=1e-3))
+    one, _ = after(LearnerConfig(lr=1e-3, algorithm="ppo", ppo_epochs=1))
+    torch.testing.assert_close(one, pg, rtol=0, atol=1e-7)
+    four, stats = after(LearnerConfig(lr=5e-2, algorithm="ppo", ppo_epochs=4, ppo_clip=0.1))
+    assert not torch.allclose(four, pg) and 0 < stats.clip_fraction <= 1
+    assert stats.lr == 5e-2  # one schedule step per batch, not per epoch

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ppg.loss import kl_penalty, policy_gradient_loss, token_logprobs, turn_logprobs
+from ppg.loss import (
+    clipped_surrogate_loss,
+    kl_penalty,
+    policy_gradient_loss,
+    token_logprobs,
+    turn_logprobs,
+)
 from ppg.objectives import ObjectiveInputError
 
 # One conversation, 8 tokens: [sys, user, A0, A0, user, A1, user, pad]
@@ -113,3 +119,27 @@ def test_kl_penalty_has_the_gradient_of_kl_pi_ref_and_reports_it_exactly_in_expe
     (other,) = torch.autograd.grad(reverse, theta)
     assert torch.allclose(_expected_gradient(k3, theta), other, atol=1e-12)
     assert not torch.allclose(other, want, atol=1e-3)
+
+
+def test_ppo_first_step_is_the_policy_gradient_and_clipped_tokens_get_none():
+    """At r = 1 the clipped objective's gradient is the policy gradient's; once a token's ratio has
+    left [1 - eps, 1 + eps] in its advantage's direction it gets no gradient, and against it it
+    keeps r * A (PPO's pessimistic bound), by hand."""
+    lp = torch.tensor([[-0.5, -0.7, -1.0, -2.0, -0.3, -3.0, -0.1, -0.2]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0]])
+    loss, clipped = clipped_surrogate_loss(lp, lp.detach(), AGENT, TURN, adv, clip=0.2)
+    loss.backward()
+    assert lp.grad.tolist() == [[0.0, 0.0, -2.0, -2.0, 0.0, 1.0, 0.0, 0.0]] and clipped == 0
+
+    # old log-probs such that r = 1.5 on token 2 (A = +2: clipped), r = 0.5 on token 3 (A = +2:
+    # below the region, kept), r = 0.5 on token 5 (A = -1: clipped)
+    log = torch.log
+    now = torch.tensor(
+        [[0.0, 0.0, log(torch.tensor(1.5)), log(torch.tensor(0.5)), 0.0, log(torch.tensor(0.5)), 0.0, 0.0]]
+    )
+    x = now.clone().requires_grad_(True)
+    loss, clipped = clipped_surrogate_loss(x, torch.zeros(1, 8), AGENT, TURN, adv, clip=0.2)
+    assert torch.isclose(loss, -torch.tensor(1.2 * 2.0 + 0.5 * 2.0 + 0.8 * -1.0))
+    loss.backward()
+    torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 0.0, -0.5 * 2.0, 0.0, 0.0, 0.0, 0.0]]))
+    assert torch.isclose(clipped, torch.tensor(2 / 3))

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ppg.config import LearnerConfig
 from ppg.episode import Episode, EpisodeBatch, collate
-from ppg.loss import kl_penalty, policy_gradient_loss, token_logprobs
+from ppg.loss import clipped_surrogate_loss, kl_penalty, policy_gradient_loss, token_logprobs
 from ppg.objectives import Objective
 
 
@@ -65,6 +65,7 @@ class UpdateStats:
     lr: float
     importance_weight: float  # mean per-token weight (1.0 when on-policy)
     agent_tokens: int
+    clip_fraction: float = 0.0  # PPO: share of agent tokens whose ratio left [1 - eps, 1 + eps]
 
 
 class PolicyLearner:
@@ -95,13 +96,44 @@ class PolicyLearner:
         """Update on this rank's shard; ``global_*`` are counts over the whole batch (all ranks).
         ``version``: the learner's policy version; episodes sampled by it are on-policy and get no
         importance weight (the sampler's and the learner's log-probs differ by numerical noise only,
-        which must not enter the update). None: every episode with log-probs is weighted."""
+        which must not enter the update). None: every episode with log-probs is weighted.
+        ``learner.algorithm=ppo``: ``ppo_epochs`` clipped steps against the weights before the first."""
         self.model.train()
-        ids, attention = shard.token_ids, shard.attention_mask
-        positions = (attention.long().cumsum(1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=attention.long(), position_ids=positions).logits
-        logprobs = token_logprobs(logits, ids)  # [B, L]
-        agent = shard.agent_mask & attention
+        lr = self.scheduler.get_last_lr()[0]
+        if self.config.algorithm == "ppo":
+            with torch.no_grad():
+                old = token_logprobs(self._logits(shard), shard.token_ids)
+            for _ in range(self.config.ppo_epochs):
+                stats = self._optimizer_step(
+                    shard, advantages, global_episodes, global_agent_tokens, version, old
+                )
+        else:
+            stats = self._optimizer_step(shard, advantages, global_episodes, global_agent_tokens, version)
+        self.scheduler.step()
+        stats.lr = lr
+        return stats
+
+    def _logits(self, shard: EpisodeBatch, model: torch.nn.Module | None = None) -> Tensor:
+        attention = shard.attention_mask.long()
+        positions = (attention.cumsum(1) - 1).clamp(min=0)
+        return (model or self.model)(
+            input_ids=shard.token_ids, attention_mask=attention, position_ids=positions
+        ).logits
+
+    def _optimizer_step(
+        self,
+        shard: EpisodeBatch,
+        advantages: Tensor,
+        global_episodes: int,
+        global_agent_tokens: int,
+        version: int | None,
+        old_logprobs: Tensor | None = None,
+    ) -> UpdateStats:
+        """One forward, backward and optimizer step: the policy gradient, or PPO's clipped
+        objective when ``old_logprobs`` are given."""
+        ids = shard.token_ids
+        logprobs = token_logprobs(self._logits(shard), ids)  # [B, L]
+        agent = shard.agent_mask & shard.attention_mask
 
         weights = None
         if self.config.off_policy == "importance" and shard.behaviour_logprobs is not None:
@@ -110,25 +142,27 @@ class PolicyLearner:
             stale = agent if version is None else agent & (shard.policy_versions < version)[:, None]
             weights = torch.where(stale, ratio.clamp(max=self.config.importance_clip), torch.ones_like(ratio))
 
-        # policy_gradient_loss normalises by this shard; rescale to the global normaliser, times the
-        # world size that DDP's all-reduce averages over.
+        # The losses normalise by this shard; rescale to the global normaliser, times the world size
+        # that DDP's all-reduce averages over.
         reduction = self.config.loss_reduction
-        local = shard.token_ids.shape[0] if reduction == "sequence_mean" else int(agent.sum())
+        local = ids.shape[0] if reduction == "sequence_mean" else int(agent.sum())
         glob = global_episodes if reduction == "sequence_mean" else global_agent_tokens
         scale = self.world_size * local / max(1, glob)
-        pg_loss = (
-            policy_gradient_loss(
+        clipped = torch.zeros(())
+        if old_logprobs is not None:
+            pg_loss, clipped = clipped_surrogate_loss(
+                logprobs, old_logprobs, agent, shard.token_turn, advantages, self.config.ppo_clip, reduction
+            )
+        else:
+            pg_loss = policy_gradient_loss(
                 logprobs, agent, shard.token_turn, advantages, reduction, token_weights=weights
             )
-            * scale
-        )
+        pg_loss = pg_loss * scale
 
         kl = torch.zeros(())
         if self.reference is not None and self.config.kl_coef > 0:
             with torch.no_grad():
-                ref_logits = self.reference(
-                    input_ids=ids, attention_mask=attention.long(), position_ids=positions
-                ).logits
+                ref_logits = self._logits(shard, self.reference)
             kl_loss, kl = kl_penalty(logprobs, token_logprobs(ref_logits, ids), agent)
             loss = pg_loss + self.config.kl_coef * kl_loss * scale
         else:
@@ -137,15 +171,14 @@ class PolicyLearner:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
-        self.scheduler.step()
         return UpdateStats(
             loss=float(loss.detach()),
             pg_loss=float(pg_loss.detach()),
             kl=float(kl.detach()),
             grad_norm=float(grad_norm),
-            lr=lr,
+            lr=0.0,
             importance_weight=float(weights[agent].mean()) if weights is not None and agent.any() else 1.0,
             agent_tokens=int(agent.sum()),
+            clip_fraction=float(clipped),
         )
