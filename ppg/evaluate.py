@@ -86,6 +86,13 @@ def _t_central(t: float, df: int) -> float:
     return s * total
 
 
+def t_test_p(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t statistic ``t`` with ``df`` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return max(0.0, 1.0 - _t_central(abs(t), df))
+
+
 def mean_interval(values: list[float], confidence: float = 0.95) -> dict:
     """``{"mean", "low", "high", "half_width", "n"}``; the interval is None for fewer than 2 values."""
     values = [float(v) for v in values]

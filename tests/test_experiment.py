@@ -3,6 +3,7 @@ autograd answers and closed-form moments), the report's statistics, and a real r
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -14,7 +15,7 @@ from conftest import scripted_episodes
 from transformers import AutoModelForCausalLM
 
 from ppg.episode import collate
-from ppg.experiment.report import episodes_to_target, interval
+from ppg.experiment.report import episodes_to_target, interval, paired_test
 from ppg.experiment.selector import (
     ClassGradientStats,
     _Moments,
@@ -40,7 +41,7 @@ def write(tmp_path, text: str) -> Path:
 
 BASE = """
 name: t
-classes: {full: {type: full}, greedy: {type: greedy}}
+methods: {full: {type: full}, greedy: {type: greedy}}
 seeds: [0]
 """
 
@@ -51,19 +52,48 @@ def test_shipped_suites_load_and_every_cell_is_a_valid_config():
         assert suite.cells(), path
     paper = load_suite(ROOT / "experiments" / "paper.yaml")
     assert ("segmented", "segment", 0) in paper.cells() and ("myopic", "segment", 0) not in paper.cells()
+    assert len(paper.problems) >= 5 and len(paper.seeds) >= 5
     config = paper.config("segmented", "k2", 2)
     assert (config.objective.policy_class, config.run.seed, config.problem.name) == (
         KStep(k=2),
         2,
         "segmented",
     )
+    ppo = paper.config("myopic", "ppo", 0)
+    assert ppo.learner.algorithm == "ppo" and ppo.objective.policy_class == FullPlanning()
+    assert paper.methods["offline"].offline and "offline" not in paper.selector_candidates("myopic")
+    assert paper.rows_for("myopic")[0] == "initial" and paper.rows_for("myopic")[-1] == "selector"
+    selector = paper.selector_config("myopic", "greedy", 3)
+    assert selector.run.seed != 3 and selector.objective.policy_class == Greedy()
+
+
+def test_a_suite_may_add_to_a_folder_but_not_change_what_ran(tmp_path):
+    suite = load_suite(write(tmp_path, BASE + "problems: {myopic: {target_reward: 0.1}}\n"))
+    recorded = suite.model_dump(mode="json")
+    more = suite.model_copy(update={"seeds": [0, 1]})
+    assert more.extends(recorded) == []
+    changed = Suite.model_validate({**recorded, "base": {"run.iterations": 3}})
+    assert changed.extends(recorded) == ["base"]
+    other = Suite.model_validate({**recorded, "methods": {**recorded["methods"], "greedy": {"type": "full"}}})
+    assert other.extends(recorded) == ["methods.greedy"]
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
         (BASE + "problems: {myopic: {}}\n", "exactly one of target_reward and target_gain"),
-        (BASE + "problems: {myopic: {target_reward: 0.1, classes: [k9]}}\n", "unknown classes ['k9']"),
+        (BASE + "problems: {myopic: {target_reward: 0.1, methods: [k9]}}\n", "unknown methods ['k9']"),
+        (
+            BASE.replace("greedy: {type", "initial: {type") + "problems: {myopic: {target_reward: 0.1}}\n",
+            "initial",
+        ),
+        (
+            BASE.replace(
+                "greedy: {type: greedy}", "p: {policy_class: {type: full}, overrides: {learner.algorithm: x}}"
+            )
+            + "problems: {myopic: {target_reward: 0.1}}\n",
+            "learner.algorithm",
+        ),
         (BASE + "problems: {myopic: {target_gain: 0.1}}\n", "needs the selector"),
         (BASE + "problems: {myopic: {target_reward: 0.1}}\nextra: 1\n", "extra"),
         (
@@ -94,11 +124,24 @@ def test_missing_suite_file(tmp_path):
 # ---- report statistics ----------------------------------------------------------------------------
 def test_interval_and_episodes_to_target():
     mean, half = interval([1.0, 2.0, 3.0])
-    assert mean == 2.0 and half == pytest.approx(4.303 * 1.0 / math.sqrt(3))
+    assert mean == 2.0 and half == pytest.approx(4.302653 * 1.0 / math.sqrt(3), rel=1e-6)
     assert math.isnan(interval([5.0])[1])
     # the smoothed (3-iteration) reward first reaches 0.5 at the 4th iteration
     assert episodes_to_target([8, 16, 24, 32, 40], [0.0, 0.9, 0.0, 0.6, 0.9], 0.5) == 32
     assert episodes_to_target([8, 16, 24], [0.0, 0.1, 0.2], 0.5) is None
+
+
+def test_paired_test_over_seeds():
+    """Differences 1, 2, 3 over three seeds: mean 2, sd 1, t = 2 sqrt(3) with 2 degrees of freedom,
+    whose two-sided p-value is 1 - t / sqrt(2 + t^2) (closed form for df = 2)."""
+    a, b = {0: 1.0, 1: 3.0, 2: 5.0, 9: 7.0}, {0: 0.0, 1: 1.0, 2: 2.0}
+    test = paired_test(a, b)
+    t = 2 * math.sqrt(3)
+    assert test["n"] == 3 and test["diff"] == 2.0
+    assert test["p"] == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-9)
+    assert test["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert paired_test({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"] == 0.0  # identical gains: certain
+    assert math.isnan(paired_test({0: 1.0}, {0: 0.0})["p"])  # one seed: no test
 
 
 # ---- gradient statistics --------------------------------------------------------------------------
@@ -156,25 +199,48 @@ def test_gradient_stats_reference_has_no_bias_and_matches_a_direct_computation(m
     for k in classes:
         X = torch.stack(per_episode[k]).double()
         assert stats[k].variance == pytest.approx(float(X.var(0).sum()), rel=1e-4)  # tr Cov
+    F, Gr = torch.stack(per_episode["full"]).double(), torch.stack(per_episode["greedy"]).double()
+    n = len(episodes)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]  # products of means, distinct episodes
+    align = sum(float(Gr[i] @ F[j]) for i, j in pairs) / len(pairs)
+    assert stats["greedy"].alignment == pytest.approx(align, rel=1e-6)
+    assert stats["full"].full_norm_sq == pytest.approx(
+        sum(float(F[i] @ F[j]) for i, j in pairs) / len(pairs), rel=1e-6
+    )
+    assert stats["full"].alignment == pytest.approx(stats["full"].full_norm_sq, rel=1e-9)
     D = (torch.stack(per_episode["greedy"]) - torch.stack(per_episode["full"])).double()
     unbiased = float(D.mean(0).pow(2).sum()) - float(D.var(0).sum()) / len(episodes)
     assert stats["greedy"].bias_sq == pytest.approx(max(0.0, unbiased), rel=1e-4, abs=1e-9)
 
 
-def test_selector_minimises_mse_at_the_batch_size():
-    stats = {
-        "full": ClassGradientStats("full", variance=100.0, bias_sq=0.0, mean_norm_sq=1.0, episodes=64),
-        "greedy": ClassGradientStats("greedy", variance=10.0, bias_sq=1.0, mean_norm_sq=1.0, episodes=64),
-    }
-    assert select_class(stats, batch_size=32) == "greedy"  # 1 + 10/32 < 100/32
-    assert select_class(stats, batch_size=1000) == "full"  # 0.1 < 1.01: with many episodes bias dominates
+def stats_of(label, variance, mean_norm_sq, alignment, full_norm_sq=1.0, bias_sq=0.0):
+    return ClassGradientStats(label, variance, bias_sq, mean_norm_sq, alignment, full_norm_sq, episodes=64)
+
+
+def test_selector_scores_direction_not_size():
+    """The expected cosine with the full-return gradient: a noisy full gradient loses to a quiet,
+    aligned one at small batches and wins at large ones; scaling a class's gradient changes nothing;
+    and no update at all (the zero vector, which had the smallest MSE) never wins."""
+    full = stats_of("full", variance=100.0, mean_norm_sq=1.0, alignment=1.0)
+    greedy = stats_of("greedy", variance=10.0, mean_norm_sq=0.5, alignment=0.5)  # cosine 0.707 at N=inf
+    assert greedy.expected_cosine(32) == pytest.approx(0.5 / math.sqrt(0.5 + 10 / 32))
+    assert select_class({"full": full, "greedy": greedy}, batch_size=32) == "greedy"
+    assert select_class({"full": full, "greedy": greedy}, batch_size=10_000) == "full"
+    scaled = stats_of("greedy", variance=10.0 * 1e-6, mean_norm_sq=0.5e-6, alignment=0.5e-3)
+    assert scaled.expected_cosine(32) == pytest.approx(greedy.expected_cosine(32))
+    zero = stats_of("zero", variance=0.0, mean_norm_sq=0.0, alignment=0.0, bias_sq=1.0)
+    assert zero.mse(32) < full.mse(32)  # the old criterion's failure
+    assert select_class({"full": full, "zero": zero}, batch_size=32) == "full"
 
 
 # ---- a real grid, interrupted and resumed -----------------------------------------------------------
 @pytest.mark.slow
 def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
+    """Every row of a small grid: the initial policy, two classes, the PPO and offline baselines and
+    the selector's own run, each scored on the same held-out conversations; then an interrupted cell
+    resumes exactly, a finished one is not run again, and a suite may add seeds but not change base."""
     from ppg.experiment.runner import run_suite
-    from ppg.experiment.suite import cell_dir
+    from ppg.experiment.suite import cell_dir, offline_data_path
     from ppg.learner.metrics import read_metrics
 
     suite = Suite.model_validate(
@@ -188,9 +254,15 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
                 "rollout.max_tokens_per_turn": 8,
                 "problem.num_turns": 2,
             },
-            "classes": {"full": {"type": "full"}, "greedy": {"type": "greedy"}},
+            "methods": {
+                "full": {"type": "full"},
+                "greedy": {"type": "greedy"},
+                "ppo": {"policy_class": {"type": "full"}, "overrides": {"learner.algorithm": "ppo"}},
+                "offline": {"policy_class": {"type": "full"}, "offline": True},
+            },
             "problems": {"myopic": {"target_gain": 0.01}},
             "seeds": [0],
+            "eval_episodes": 8,
             "selector": {"pilot_episodes": 8},
         }
     )
@@ -198,11 +270,26 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     pilot = json.loads((out / "pilots" / "myopic-seed0.json").read_text())
     assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 8
     assert set(pilot["classes"]) == {"full", "greedy"} and pilot["classes"]["full"]["bias_sq"] == 0.0
-    for name in ("results.csv", "results.md", "selector.csv", "reward_curves.png", "gradient_variance.png"):
+    for name in ("results.csv", "results.md", "selector.csv", "reward_curves.png", "heldout.png"):
         assert (out / name).stat().st_size > 0, name
-    assert "| myopic | " in (out / "results.md").read_text()
+    scores = {}
+    for row in ("initial", "full", "greedy", "ppo", "offline", "selector"):
+        heldout = json.loads((cell_dir(out, "myopic", row, 0) / "heldout.json").read_text())
+        assert heldout["episodes"] == 8 and len(heldout["per_episode"]) == 8, row
+        scores[row] = heldout
+    # the same held-out conversations for every row: same personas, in the same order
+    personas = {r: [x["persona_id"] for x in h["samples"]] for r, h in scores.items()}
+    assert len({tuple(p) for p in personas.values()}) == 1
+    assert scores["initial"]["policy_version"] == 0 and scores["full"]["policy_version"] == 2
+    assert read_metrics(cell_dir(out, "myopic", "ppo", 0))[-1]["ppo_clip_fraction"] >= 0
+    assert offline_data_path(out, "myopic", 0).is_file()  # 2 x 8 logged episodes of the initial policy
+    table = (out / "results.md").read_text()
+    assert "| myopic | " in table and "initial" in table and "selector" in table
+    rows = {r["class"]: r for r in csv.DictReader((out / "results.csv").open())}
+    assert {"heldout_reward", "heldout_ci95", "paired_diff", "paired_p", "compared_with"} <= set(rows["full"])
+    assert float(rows["full"]["heldout_reward"]) == pytest.approx(scores["full"]["reward_mean"])
 
-    # interrupt the last cell after its first iteration: drop done.json, the last checkpoint, its metrics
+    # interrupt the greedy cell after its first iteration: drop done.json, the last checkpoint, its metrics
     cell = cell_dir(out, "myopic", "greedy", 0)
     before = read_metrics(cell)
     (cell / "done.json").unlink()
@@ -217,6 +304,6 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     assert [r["batch_fingerprint"] for r in after] == [r["batch_fingerprint"] for r in before]
     assert after[-1]["reward_mean"] == before[-1]["reward_mean"]
 
-    changed = suite.model_copy(update={"seeds": [0, 1]})
+    changed = suite.model_copy(update={"base": {**suite.base, "run.iterations": 3}})
     with pytest.raises(SuiteError, match="different suite"):
         run_suite(changed, out)

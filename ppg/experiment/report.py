@@ -1,12 +1,17 @@
-"""The suite's results: a table (CSV + Markdown) and plots (PNG) from the run folders and pilots.
+"""The suite's results: tables (CSV + Markdown) and plots (PNG) from the run folders and pilots.
 
-Per (problem, class): the final reward (mean reward per turn over each run's last ``FINAL_WINDOW``
-iterations), its mean over seeds with a 95% t-interval; episodes until the reward, averaged over a
-``SMOOTH``-iteration window, first reaches the problem's target (mean over the seeds that reached it,
-and how many did); the pilot's per-episode gradient variance, bias^2 and MSE at the training batch
-size. The selector's row per problem: the class it picked per seed, scored by that seed's run of
-the picked class (runs are deterministic given config and seed, so training the pick again would
-reproduce that run), with the pilot's episodes added to its episodes-to-target.
+The score of a run is its **held-out evaluation**: mean reward per turn of its final policy on
+``suite.eval_episodes`` conversations with held-out personas, the same conversations for every row
+of a seed. Per (problem, row): the mean over seeds with a 95% t-interval over seeds; a **paired test
+over seeds** against the problem's best row (the best row against its runner-up): mean difference,
+its 95% interval, the two-sided p-value of the paired t-test; also the training-batch reward over
+the last ``FINAL_WINDOW`` iterations (training personas), episodes until the training reward,
+averaged over ``SMOOTH`` iterations, first reaches the problem's target, and the pilot's gradient
+statistics (expected cosine with the full-return gradient at the batch size: the selector's score).
+
+The selector's row is its own runs (its pick per seed, trained with an independent seed), compared
+in pairs with the best fixed method and with full planning. The best fixed method is picked after
+the fact by its held-out mean, so that comparison flatters the fixed methods, not the selector.
 """
 
 from __future__ import annotations
@@ -16,31 +21,37 @@ import math
 import statistics
 from pathlib import Path
 
-from ppg.experiment.suite import Suite, cell_dir, pilot_path
+from ppg.evaluate import mean_interval, t_test_p
+from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
+from ppg.learner.metrics import read_metrics
 
 FINAL_WINDOW = 5
 SMOOTH = 3
-# two-sided 95% Student t quantiles by degrees of freedom (n - 1)
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+NAN = float("nan")
 
 
 def interval(values: list[float]) -> tuple[float, float]:
     """Mean and half-width of its 95% t-interval (NaN half-width for one value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    t = T95.get(len(values) - 1, 1.96)
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    m = mean_interval(values)
+    return m["mean"], NAN if m["half_width"] is None else m["half_width"]
+
+
+def paired_test(a: dict[int, float], b: dict[int, float]) -> dict:
+    """Mean of a[s] - b[s] over the seeds both have, its 95% interval and two-sided p-value."""
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if len(diffs) < 2:
+        return {"diff": statistics.fmean(diffs) if diffs else NAN, "ci95": NAN, "p": NAN, "n": len(diffs)}
+    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
+    t = mean / (sd / math.sqrt(n)) if sd > 0 else (math.inf if mean else 0.0)
+    return {"diff": mean, "ci95": interval(diffs)[1], "p": t_test_p(t, n - 1) if mean or sd else 1.0, "n": n}
 
 
 def curve(run_dir: Path) -> tuple[list[int], list[float]]:
     """(episodes seen after each iteration, reward_mean of that iteration)."""
-    from ppg.learner.metrics import read_metrics
-
-    rows = read_metrics(run_dir)
     episodes, rewards, seen = [], [], 0
-    for r in rows:
+    for r in read_metrics(run_dir):
         seen += r["episodes"]
         episodes.append(seen)
         rewards.append(r["reward_mean"])
@@ -61,11 +72,14 @@ def target(suite: Suite, problem: str, pilots: dict) -> float:
     if entry.target_reward is not None:
         return entry.target_reward
     initial = [v["pilot_reward"] for (p, _), v in pilots.items() if p == problem]
-    return statistics.fmean(initial) + entry.target_gain if initial else float("nan")
+    return statistics.fmean(initial) + entry.target_gain if initial else NAN
 
 
-def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict]:
+def _mean_of(values: list[float]) -> float:
+    return statistics.fmean(values) if values else NAN
 
+
+def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, dict, dict]:
     pilots = {
         (p, s): json.loads(pilot_path(out, p, s).read_text())
         for p in suite.problems
@@ -73,107 +87,149 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict]:
         if pilot_path(out, p, s).is_file()
     }
     targets = {p: target(suite, p, pilots) for p in suite.problems}
-    per_seed: dict[tuple[str, str, int], dict] = {}
+    heldout: dict[tuple[str, str], dict[int, float]] = {}  # (problem, row) -> seed -> score
+    training: dict[tuple[str, str, int], dict] = {}
     curves: dict[tuple[str, str], list] = {}
-    for problem, label, seed in suite.cells():
-        run = cell_dir(out, problem, label, seed)
-        if not (run / "done.json").is_file():
-            continue
-        episodes, rewards = curve(run)
-        per_seed[problem, label, seed] = {
-            "final": statistics.fmean(rewards[-FINAL_WINDOW:]),
-            "to_target": episodes_to_target(episodes, rewards, targets[problem]),
-        }
-        curves.setdefault((problem, label), []).append((episodes, rewards))
+    for problem in suite.problems:
+        for row in suite.rows_for(problem):
+            for seed in suite.seeds:
+                run = cell_dir(out, problem, row, seed)
+                if not (run / "done.json").is_file():
+                    continue
+                heldout.setdefault((problem, row), {})[seed] = json.loads((run / HELDOUT).read_text())[
+                    "reward_mean"
+                ]
+                if row == INITIAL:
+                    continue
+                episodes, rewards = curve(run)
+                training[problem, row, seed] = {
+                    "final": statistics.fmean(rewards[-FINAL_WINDOW:]),
+                    "to_target": episodes_to_target(episodes, rewards, targets[problem]),
+                }
+                curves.setdefault((problem, row), []).append((episodes, rewards))
+
     rows = []
     for problem in suite.problems:
-        for label in suite.classes_for(problem):
-            seeds = [s for s in suite.seeds if (problem, label, s) in per_seed]
-            if not seeds:
-                continue
-            mean, half = interval([per_seed[problem, label, s]["final"] for s in seeds])
-            reached = [per_seed[problem, label, s]["to_target"] for s in seeds]
-            reached = [x for x in reached if x is not None]
-            stats = [pilots[problem, s]["classes"][label] for s in seeds if (problem, s) in pilots]
+        scored = {r: heldout[problem, r] for r in suite.rows_for(problem) if (problem, r) in heldout}
+        ranked = sorted(
+            (r for r in scored if r != SELECTOR and len(scored[r]) == len(suite.seeds)),
+            key=lambda r: statistics.fmean(scored[r].values()),
+            reverse=True,
+        )
+        for row, by_seed in scored.items():
+            other = (
+                (ranked[1] if len(ranked) > 1 else None)
+                if ranked and row == ranked[0]
+                else (ranked[0] if ranked else None)
+            )
+            test = paired_test(by_seed, scored[other]) if other else paired_test({}, {})
+            mean, half = interval(list(by_seed.values()))
+            runs = [training[problem, row, s] for s in by_seed if (problem, row, s) in training]
+            reached = [r["to_target"] for r in runs if r["to_target"] is not None]
+            stats = [pilots[problem, s]["classes"].get(row) for s in by_seed if (problem, s) in pilots]
+            stats = [x for x in stats if x]
+            train_mean, train_half = interval([r["final"] for r in runs]) if runs else (NAN, NAN)
             rows.append(
                 {
                     "problem": problem,
                     "target": targets[problem],
-                    "class": label,
-                    "seeds": len(seeds),
-                    "final_reward": mean,
-                    "ci95": half,
-                    "episodes_to_target": statistics.fmean(reached) if reached else float("nan"),
-                    "reached_target": f"{len(reached)}/{len(seeds)}",
-                    "grad_variance": statistics.fmean(x["variance"] for x in stats)
-                    if stats
-                    else float("nan"),
-                    "grad_bias_sq": statistics.fmean(x["bias_sq"] for x in stats) if stats else float("nan"),
-                    "grad_mse": statistics.fmean(x["mse"] for x in stats) if stats else float("nan"),
+                    "class": row,
+                    "seeds": len(by_seed),
+                    "heldout_reward": mean,
+                    "heldout_ci95": half,
+                    "best": bool(ranked) and row == ranked[0],
+                    "compared_with": other or "",
+                    "paired_diff": test["diff"],
+                    "paired_ci95": test["ci95"],
+                    "paired_p": test["p"],
+                    "final_reward": train_mean,
+                    "ci95": train_half,
+                    "episodes_to_target": _mean_of(reached),
+                    "reached_target": f"{len(reached)}/{len(runs)}" if runs else "-",
+                    "grad_expected_cosine": _mean_of([x["expected_cosine"] for x in stats]),
+                    "grad_variance": _mean_of([x["variance"] for x in stats]),
+                    "grad_bias_sq": _mean_of([x["bias_sq"] for x in stats]),
+                    "grad_mse": _mean_of([x["mse"] for x in stats]),
                 }
             )
+
     selector = []
     for problem in suite.problems:
-        picks = {s: pilots[problem, s]["selected"] for s in suite.seeds if (problem, s) in pilots}
-        scored = {s: per_seed.get((problem, c, s)) for s, c in picks.items()}
-        if not picks or any(v is None for v in scored.values()):
+        ours = heldout.get((problem, SELECTOR))
+        if not ours:
             continue
-        ours = interval([v["final"] for v in scored.values()])
-        problem_rows = [r for r in rows if r["problem"] == problem and r["seeds"] == len(suite.seeds)]
-        best = max(problem_rows, key=lambda r: r["final_reward"]) if problem_rows else None
-        pilot_eps = statistics.fmean(pilots[problem, s]["episodes"] for s in picks)
-        reached = [v["to_target"] + pilot_eps for v in scored.values() if v["to_target"] is not None]
-        selector.append(
-            {
-                "problem": problem,
-                "picks": ", ".join(f"seed {s}: {c}" for s, c in picks.items()),
-                "selector_final_reward": ours[0],
-                "selector_ci95": ours[1],
-                "selector_episodes_to_target": statistics.fmean(reached) if reached else float("nan"),
-                "best_fixed_class": best["class"] if best else "",
-                "best_fixed_final_reward": best["final_reward"] if best else float("nan"),
-                "best_fixed_ci95": best["ci95"] if best else float("nan"),
+        fixed = [r for r in rows if r["problem"] == problem and r["class"] not in (SELECTOR, INITIAL)]
+        complete = [r for r in fixed if r["seeds"] == len(suite.seeds)]
+        best = max(complete, key=lambda r: r["heldout_reward"]) if complete else None
+        entry = {
+            "problem": problem,
+            "picks": ", ".join(
+                f"{pilots[problem, s]['selected']}" for s in suite.seeds if (problem, s) in pilots
+            ),
+            "selector_heldout": interval(list(ours.values()))[0],
+            "selector_ci95": interval(list(ours.values()))[1],
+            "best_fixed": best["class"] if best else "",
+        }
+        for name, row in (("best_fixed", best["class"] if best else None), ("full", "full")):
+            test = paired_test(ours, heldout.get((problem, row), {})) if row else paired_test({}, {})
+            entry |= {
+                f"vs_{name}_diff": test["diff"],
+                f"vs_{name}_ci95": test["ci95"],
+                f"vs_{name}_p": test["p"],
             }
-        )
-    return rows, selector, curves, targets
+        selector.append(entry)
+    return rows, selector, curves, targets, heldout
 
 
 def fmt(x: float, digits: int = 3) -> str:
     return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
 
+def signed(mean: float, half: float, p: float | None = None) -> str:
+    if math.isnan(mean):
+        return "-"
+    text = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" if not math.isnan(half) else f"{mean:+.3f}"
+    if p is not None and not math.isnan(p):
+        text += f", p = {p:.3f}" + (" *" if p < 0.05 else "")
+    return text
+
+
 def markdown(rows: list[dict], selector: list[dict]) -> str:
     lines = [
-        "| problem | class | final reward (95% CI) | episodes to target | reached | grad variance | bias² | MSE |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| problem | row | held-out reward (95% CI, seeds) | paired difference vs | training reward | "
+        "episodes to target | reached | grad cosine | grad variance | bias² |",
+        "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    best = {}
     for r in rows:
-        if r["final_reward"] > best.get(r["problem"], (-math.inf,))[0]:
-            best[r["problem"]] = (r["final_reward"], r["class"])
-    for r in rows:
-        name = f"**{r['class']}**" if best[r["problem"]][1] == r["class"] else r["class"]
+        name = f"**{r['class']}**" if r["best"] else r["class"]
+        versus = (
+            f"{r['compared_with']}: {signed(r['paired_diff'], r['paired_ci95'], r['paired_p'])}"
+            if r["compared_with"]
+            else "-"
+        )
         lines.append(
-            f"| {r['problem']} | {name} | {fmt(r['final_reward'])} ± {fmt(r['ci95'])} | "
-            f"{fmt(r['episodes_to_target'], 0)} | {r['reached_target']} | {r['grad_variance']:.3g} | "
-            f"{r['grad_bias_sq']:.3g} | {r['grad_mse']:.3g} |"
+            f"| {r['problem']} | {name} | {fmt(r['heldout_reward'])} ± {fmt(r['heldout_ci95'])} (n={r['seeds']}) | "
+            f"{versus} | {fmt(r['final_reward'])} ± {fmt(r['ci95'])} | {fmt(r['episodes_to_target'], 0)} | "
+            f"{r['reached_target']} | {fmt(r['grad_expected_cosine'])} | {r['grad_variance']:.3g} | "
+            f"{r['grad_bias_sq']:.3g} |"
         )
     if selector:
         lines += [
             "",
-            "| problem | selector's picks | selector final reward | best fixed class | its final reward |",
-            "|---|---|---|---|---|",
+            "| problem | selector's picks (per seed) | selector held-out | best fixed (in hindsight) | "
+            "selector - best fixed | selector - full |",
+            "|---|---|---|---|---|---|",
         ]
         for s in selector:
             lines.append(
-                f"| {s['problem']} | {s['picks']} | {fmt(s['selector_final_reward'])} ± "
-                f"{fmt(s['selector_ci95'])} | {s['best_fixed_class']} | {fmt(s['best_fixed_final_reward'])} ± "
-                f"{fmt(s['best_fixed_ci95'])} |"
+                f"| {s['problem']} | {s['picks']} | {fmt(s['selector_heldout'])} ± {fmt(s['selector_ci95'])} | "
+                f"{s['best_fixed']} | {signed(s['vs_best_fixed_diff'], s['vs_best_fixed_ci95'], s['vs_best_fixed_p'])} | "
+                f"{signed(s['vs_full_diff'], s['vs_full_ci95'], s['vs_full_p'])} |"
             )
     return "\n".join(lines) + "\n"
 
 
-def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, out: Path) -> None:
+def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, heldout: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +238,7 @@ def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, out: Path)
     problems = list(suite.problems)
     fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.6), squeeze=False)
     for ax, problem in zip(axes[0], problems, strict=True):
-        for label in suite.classes_for(problem):
+        for label in suite.rows_for(problem):
             runs = curves.get((problem, label))
             if not runs:
                 continue
@@ -202,11 +258,28 @@ def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, out: Path)
         ax.axhline(targets[problem], color="grey", ls=":", lw=1)
         ax.set_title(problem)
         ax.set_xlabel("episodes")
-        ax.set_ylabel("mean reward per turn")
+        ax.set_ylabel("training reward per turn")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{suite.name}: reward per policy class (mean ± sd over seeds; dotted: target)")
+    fig.suptitle(f"{suite.name}: training reward (mean ± sd over seeds; dotted: target)")
     fig.tight_layout()
     atomic_save_figure(fig, out / "reward_curves.png")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.8), squeeze=False)
+    for ax, problem in zip(axes[0], problems, strict=True):
+        prs = [r for r in rows if r["problem"] == problem]
+        for i, r in enumerate(prs):
+            color = "tab:green" if r["best"] else ("tab:grey" if r["class"] == INITIAL else "tab:blue")
+            half = 0 if math.isnan(r["heldout_ci95"]) else r["heldout_ci95"]
+            ax.bar(i, r["heldout_reward"], yerr=half, color=color, alpha=0.7, capsize=3)
+            seeds = list(heldout.get((problem, r["class"]), {}).values())
+            ax.plot([i] * len(seeds), seeds, "k.", ms=3)
+        ax.set_xticks(range(len(prs)), [r["class"] for r in prs], rotation=45, ha="right", fontsize=8)
+        ax.set_title(problem)
+        ax.set_ylabel("held-out reward per turn")
+    fig.suptitle("held-out reward per row: mean over seeds, 95% CI, one dot per seed (green: best)")
+    fig.tight_layout()
+    atomic_save_figure(fig, out / "heldout.png")
     plt.close(fig)
 
     with_stats = [r for r in rows if not math.isnan(r["grad_variance"])]
@@ -215,19 +288,18 @@ def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, out: Path)
     fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.4), squeeze=False)
     for ax, problem in zip(axes[0], problems, strict=True):
         prs = [r for r in with_stats if r["problem"] == problem]
-        ax.bar([r["class"] for r in prs], [r["grad_variance"] for r in prs], label="variance (per episode)")
-        ax.bar([r["class"] for r in prs], [r["grad_bias_sq"] for r in prs], alpha=0.6, label="bias² vs full")
-        ax.set_yscale("log")
+        ax.bar([r["class"] for r in prs], [r["grad_expected_cosine"] for r in prs])
+        ax.set_ylim(min(0.0, *[r["grad_expected_cosine"] for r in prs]) if prs else 0, 1)
         ax.set_title(problem)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("pilot gradient: per-episode variance and bias² per class (log scale)")
+        ax.set_ylabel("expected cosine with full gradient")
+    fig.suptitle("pilot: how well each class's batch gradient points along the full-return gradient")
     fig.tight_layout()
     atomic_save_figure(fig, out / "gradient_variance.png")
     plt.close(fig)
 
 
 def write_report(suite: Suite, out: Path) -> str:
-    rows, selector, curves, targets = summarize(suite, out)
+    rows, selector, curves, targets, heldout = summarize(suite, out)
     if not rows:
         return ""
     atomic_write_csv(out / "results.csv", rows)
@@ -235,6 +307,6 @@ def write_report(suite: Suite, out: Path) -> str:
         atomic_write_csv(out / "selector.csv", selector)
     text = markdown(rows, selector)
     atomic_write_text(out / "results.md", text)
-    plot(suite, rows, curves, targets, out)
+    plot(suite, rows, curves, targets, heldout, out)
     print(text, flush=True)
     return text

@@ -2,11 +2,17 @@
 
 Layout of the output folder (``--out``, default ``experiments/results/<suite name>``)::
 
-    suite.yaml                               the suite as run (a resume must use the same one)
-    pilots/<problem>-seed<s>.json            per-class gradient variance/bias, the selector's pick
-    runs/<problem>/<class>/seed<s>/          an ordinary ppg run folder (metrics, checkpoints)
-    runs/<problem>/<class>/seed<s>/done.json written last: the cell is complete
-    results.csv  results.md  selector.csv  reward_curves.png  gradient_variance.png
+    suite.json                               the suite as run (a later suite may only add to it)
+    pilots/<problem>-seed<s>.json            per-class gradient statistics, the selector's pick
+    offline/<problem>-seed<s>.jsonl          the initial policy's logged conversations (offline methods)
+    runs/<problem>/<row>/seed<s>/            an ordinary ppg run folder (metrics, checkpoints) ...
+    runs/<problem>/<row>/seed<s>/heldout.json  ... its held-out evaluation: the score of the run
+    runs/<problem>/<row>/seed<s>/done.json   written last: the cell is complete
+    results.csv  results.md  selector.csv  reward_curves.png  heldout.png  gradient_variance.png
+
+Rows: ``initial`` (the warm start, evaluated only), every method, ``selector`` (its pick, its own
+run). Every run of a seed is evaluated on the same held-out personas, conversation and sampling seeds
+(``suite.eval_episodes``), so methods are compared in pairs per seed.
 
 Resuming: completed pilots and cells (``done.json``) are skipped; a cell with a checkpoint continues
 from it (``ppg train --resume``, exact), one without starts over. The rollout pool's vLLM engines are
@@ -24,15 +30,27 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
+from ppg.config import PPGConfig, load_config
 from ppg.driver import start_pool, train
 from ppg.env.personas import load_personas, split_personas
+from ppg.evaluate import evaluate_on_pool
 from ppg.experiment.report import write_report
 from ppg.experiment.selector import gradient_stats, select_class
-from ppg.experiment.suite import Suite, SuiteError, cell_dir, pilot_path
+from ppg.experiment.suite import (
+    HELDOUT,
+    INITIAL,
+    SELECTOR,
+    Suite,
+    SuiteError,
+    cell_dir,
+    offline_data_path,
+    pilot_path,
+)
 from ppg.files import atomic_write_text
-from ppg.learner.checkpoint import list_checkpoints
+from ppg.learner.checkpoint import STATE, latest_checkpoint, list_checkpoints
 from ppg.models import resolve_model
 from ppg.objectives import FullPlanning
+from ppg.offline import collect_on_pool, write_episodes
 from ppg.ray_session import connect
 from ppg.rollout.pool import plan_requests
 
@@ -58,14 +76,23 @@ class GridProgress:
 
 
 def _record_suite(suite: Suite, out: Path) -> None:
-    recorded = out / "suite.yaml"
-    text = json.dumps(suite.model_dump(mode="json"), indent=1, sort_keys=True)
-    if recorded.is_file() and recorded.read_text() != text:
-        raise SuiteError(
-            f"{out} holds results of a different suite ({recorded}); use another --out, or delete the "
-            "folder to start over"
-        )
-    atomic_write_text(recorded, text)
+    recorded = out / "suite.json"
+    if recorded.is_file():
+        clashes = suite.extends(json.loads(recorded.read_text()))
+        if clashes:
+            raise SuiteError(
+                f"{out} holds results of a different suite ({recorded}: {', '.join(clashes)} differ); a "
+                "suite may only add methods, problems or seeds to a folder: use another --out, or "
+                "delete the folder to start over"
+            )
+        old = json.loads(recorded.read_text())
+        merged = suite.model_dump(mode="json")
+        for section in ("methods", "problems"):
+            merged[section] = {**old.get(section, {}), **merged[section]}
+        merged["seeds"] = sorted(set(old.get("seeds", [])) | set(merged["seeds"]))
+    else:
+        merged = suite.model_dump(mode="json")
+    atomic_write_text(recorded, json.dumps(merged, indent=1, sort_keys=True))
 
 
 def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> dict:
@@ -86,9 +113,10 @@ def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> 
     )
     episodes = ray.get(pool.episodes.remote(requests))
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-    classes = {k: suite.classes[k] for k in suite.classes_for(problem)}
+    candidates = suite.selector_candidates(problem)
+    classes = {k: suite.methods[k].policy_class for k in candidates}
     if not any(c.type == "full" for c in classes.values()):
-        classes["full"] = suite.classes.get("full") or FullPlanning()  # the bias reference
+        classes["full"] = FullPlanning()  # the reference every class is measured against
     stats = gradient_stats(model, episodes, classes, config.objective)
     batch = r.episodes_per_iteration
     return {
@@ -97,25 +125,90 @@ def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> 
         "episodes": len(episodes),
         "batch_size": batch,
         "pilot_reward": sum(x for e in episodes for x in e.rewards) / sum(e.num_turns for e in episodes),
-        "classes": {k: {**v.as_dict(), "mse": v.mse(batch)} for k, v in stats.items()},
-        "selected": select_class({k: stats[k] for k in suite.classes_for(problem)}, batch),
+        "classes": {
+            k: {**v.as_dict(), "mse": v.mse(batch), "expected_cosine": v.expected_cosine(batch)}
+            for k, v in stats.items()
+        },
+        "selected": select_class({k: stats[k] for k in candidates}, batch),
     }
 
 
-def run_cell(suite: Suite, problem: str, label: str, seed: int, out: Path, pool) -> None:
+def heldout_evaluation(
+    pool, config: PPGConfig, seed: int, version: int, weights: str, episodes: int, loaded: bool
+) -> dict:
+    """The score of a run: its policy on the seed's held-out conversations (the same for every row
+    of that seed: personas, conversation and sampling seeds), with a few dialogues to read."""
+    eval_config = config.model_copy(update={"run": config.run.model_copy(update={"seed": seed})})
+    label = "checkpoint"
+    problems, samples = evaluate_on_pool(
+        pool,
+        [eval_config],
+        {label: (version, weights)},
+        episodes,
+        loaded=(config.problem.name, label) if loaded else None,
+    )
+    report = problems[config.problem.name][label]
+    played, _ = samples[config.problem.name]
+    per_episode = [sum(e.rewards) / len(e.rewards) for e in played[label]]
+    return {
+        "reward_mean": report["reward_mean"],
+        "reward_ci95": report["reward_ci95"],
+        "per_episode": per_episode,
+        "episodes": len(per_episode),
+        "eval_seed": seed,
+        "policy_version": version,
+        "behaviour": report["behaviour"],
+        "reward_per_turn": report["reward_per_turn"],
+        "samples": [
+            {"persona_id": e.persona_id, "messages": e.messages, "rewards": e.rewards}
+            for e in played[label][:4]
+        ],
+    }
 
+
+def run_initial(suite: Suite, problem: str, seed: int, out: Path, pool, policy_path: str) -> None:
+    """The initial policy's row: no training, the same held-out evaluation as every run."""
+    run_dir = cell_dir(out, problem, INITIAL, seed)
+    config = suite.config(problem, None, seed)
+    ray.get(pool.reconfigure.remote(config, 0, policy_path))
+    result = heldout_evaluation(pool, config, seed, 0, policy_path, suite.eval_episodes, loaded=True)
+    atomic_write_text(run_dir / HELDOUT, json.dumps(result, indent=1))
+    atomic_write_text(run_dir / "done.json", json.dumps({"problem": problem, "row": INITIAL, "seed": seed}))
+
+
+def offline_data(suite: Suite, problem: str, seed: int, out: Path, pool, policy_path: str) -> Path:
+    """The initial policy's logged, judged conversations for a seed's offline methods: as many as an
+    online run samples (iterations x episodes per iteration), on the training personas."""
+    path = offline_data_path(out, problem, seed)
+    if not path.is_file():
+        config = suite.config(problem, None, seed)
+        n = config.run.iterations * config.rollout.episodes_per_iteration
+        episodes = collect_on_pool(pool, config, policy_path, 0, n, seed)
+        write_episodes(path, episodes, {"problem": problem, "model": policy_path, "policy": "initial"})
+    return path
+
+
+def run_cell(
+    suite: Suite, problem: str, label: str, seed: int, out: Path, pool, config: PPGConfig | None = None
+) -> None:
+    """Train one cell (or finish it from its checkpoint), then its held-out evaluation."""
     run_dir = cell_dir(out, problem, label, seed)
     if run_dir.exists() and list_checkpoints(run_dir):
         train(resume=run_dir, pool=pool)
     else:
         if run_dir.exists():  # interrupted before its first checkpoint: start the cell over
             shutil.rmtree(run_dir)
-        config = suite.config(problem, label, seed)
+        config = config or suite.config(problem, label, seed)
         config = config.model_copy(
             update={"run": config.run.model_copy(update={"output_dir": run_dir.parent})}
         )
-        train(config, run_dir=run_dir, pool=pool)
-    atomic_write_text(run_dir / "done.json", json.dumps({"problem": problem, "class": label, "seed": seed}))
+        train(config, run_dir=run_dir, pool=pool, final_eval=False)
+    final = latest_checkpoint(run_dir)
+    version = json.loads((final / STATE).read_text())["policy_version"]
+    config = load_config(run_dir / "config.yaml")
+    result = heldout_evaluation(pool, config, seed, version, str(final / "policy"), suite.eval_episodes, True)
+    atomic_write_text(run_dir / HELDOUT, json.dumps(result, indent=1))
+    atomic_write_text(run_dir / "done.json", json.dumps({"problem": problem, "row": label, "seed": seed}))
 
 
 def run_suite(suite: Suite, out: Path) -> Path:
@@ -125,26 +218,51 @@ def run_suite(suite: Suite, out: Path) -> Path:
     _record_suite(suite, out)
     first = suite.config(*suite.cells()[0])
     policy_path = resolve_model(first.model.name_or_path)
-    pilots = [(p, s) for p in suite.problems for s in suite.seeds] if suite.selector else []
-    cells = suite.cells()
-    progress = GridProgress(len(pilots) + len(cells))
+    steps: list[tuple[str, tuple]] = []
+    for problem in suite.problems:  # problem-major: a problem's table completes early
+        for seed in suite.seeds:
+            steps.append(("initial", (problem, seed)))
+            if suite.selector:
+                steps.append(("pilot", (problem, seed)))
+        steps += [("cell", c) for c in suite.cells() if c[0] == problem]
+        if suite.selector:
+            steps += [("selector", (problem, seed)) for seed in suite.seeds]
+    progress = GridProgress(len(steps))
     connect()
     pool = start_pool(first, policy_path)
     try:
-        for problem, seed in pilots:
-            path = pilot_path(out, problem, seed)
-            if path.is_file():
-                progress.step(f"pilot {problem} seed {seed}", skipped=True)
-                continue
-            atomic_write_text(path, json.dumps(run_pilot(suite, problem, seed, pool, policy_path), indent=1))
-            progress.step(f"pilot {problem} seed {seed}")
-        for problem, label, seed in cells:
-            done = cell_dir(out, problem, label, seed) / "done.json"
+        for kind, key in steps:
+            problem, seed = key[0], key[-1]
+            label = {"initial": INITIAL, "selector": SELECTOR, "cell": key[1], "pilot": None}[kind]
+            what = f"{problem} / {label or 'pilot'} / seed {seed}"
+            done = (
+                pilot_path(out, problem, seed)
+                if kind == "pilot"
+                else cell_dir(out, problem, label, seed) / "done.json"
+            )
             if done.is_file():
-                progress.step(f"{problem} / {label} / seed {seed}", skipped=True)
+                progress.step(what, skipped=True)
                 continue
-            run_cell(suite, problem, label, seed, out, pool)
-            progress.step(f"{problem} / {label} / seed {seed}")
+            if kind == "pilot":
+                atomic_write_text(
+                    done, json.dumps(run_pilot(suite, problem, seed, pool, policy_path), indent=1)
+                )
+            elif kind == "initial":
+                run_initial(suite, problem, seed, out, pool, policy_path)
+            elif kind == "selector":
+                pick = json.loads(pilot_path(out, problem, seed).read_text())["selected"]
+                run_cell(
+                    suite, problem, SELECTOR, seed, out, pool, suite.selector_config(problem, pick, seed)
+                )
+            else:
+                config = suite.config(problem, label, seed)
+                if suite.methods[label].offline:
+                    data = offline_data(suite, problem, seed, out, pool, policy_path)
+                    config = config.model_copy(
+                        update={"run": config.run.model_copy(update={"offline_data": data})}
+                    )
+                run_cell(suite, problem, label, seed, out, pool, config)
+            progress.step(what)
     finally:
         ray.get(pool.shutdown.remote())
         ray.kill(pool)

@@ -1,28 +1,40 @@
-"""Which policy class to train with: measured gradient variance and bias per class, from a pilot batch.
+"""Which policy class to train with: how well each class's batch gradient points where the full
+return's gradient points, measured on a pilot batch.
 
 A policy class trades bias for variance. Against the gradient of the whole conversation's return
 (full planning: unbiased), a smaller reward subset drops terms: if those terms carry no signal on a
 problem (myopic rewards), it loses nothing and removes their noise; if they do (a question that pays
-off later), its gradient points elsewhere. What matters for training with N episodes per update is
-the mean squared error of the batch gradient against the full-return gradient:
+off later), its gradient points elsewhere.
 
-    MSE_c(N) = ||E[g_c] - E[g_full]||^2  +  tr Cov(g_c) / N
+What the learner does with a batch gradient is follow its *direction*: AdamW and gradient clipping
+make the step nearly independent of the gradient's scale. So a class is scored by the expected
+cosine between its batch gradient (N episodes) and the true full-return gradient mu_full:
 
-where g_c is one episode's gradient under class c. Both terms are estimated from one pilot batch at
-the current policy, with per-turn gradients G[t] = grad log pi(a_t | s_t) computed once per episode
-and combined per class as g_c = sum_t A_c[t] G[t] (A_c: the class's advantages, same baseline):
+    score_c(N) = (mu_c . mu_full) / ( ||mu_full|| * sqrt(||mu_c||^2 + tr Cov(g_c) / N) )
 
-    variance_c = unbiased tr Cov(g_c)                      (per-episode)
-    bias_sq_c  = ||mean(g_c - g_full)||^2 - tr Cov(g_c - g_full) / n    (unbiased, clipped at 0)
+(the cosine of the expectations: E[g_hat . mu_full] over the root of E||g_hat||^2). It is
+invariant to the scale of g_c, a zero gradient scores 0, and less noise or more alignment both raise
+it. An earlier version picked the smallest mean squared error ||E g_hat_c - mu_full||^2 in raw
+parameter scale; under that score the zero vector (no update at all) beat the chosen class on most
+pilots, because shrinking a gradient lowers its error: it rewarded small gradients, not good
+directions.
 
-The selector picks the class with the smallest MSE at the training batch size. Episodes are treated
-as independent (leave-one-out baselines couple a group's episodes a little; the estimate ignores it).
-Memory is O(turns x parameters) per episode, streamed: fine for small policies; for a large one,
-restrict ``parameters`` to a slice (e.g. the last block and the head).
+Per-turn gradients G[t] = grad log pi(a_t | s_t) are computed once per episode and combined per class
+as g_c = sum_t A_c[t] G[t] (A_c: the class's advantages, same baseline). From the n pilot episodes,
+every term is estimated without bias: products of means use pairs of distinct episodes,
+
+    mu_c . mu_f  ~  (S_c . S_f - sum_i g_c,i . g_f,i) / (n (n - 1)),    S = sum_i g_i
+
+and tr Cov by the usual n - 1 formula. Variance and bias^2 against full planning are reported too
+(per episode), since they explain a score. Episodes are treated as independent (leave-one-out
+baselines couple a group's episodes a little; the estimate ignores it). Memory is O(turns x
+parameters) per episode, streamed: fine for small policies; for a large one, restrict
+``parameters`` to a slice (e.g. the last block and the head).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 
@@ -38,11 +50,22 @@ class ClassGradientStats:
     label: str
     variance: float  # tr Cov of one episode's gradient
     bias_sq: float  # ||E g_c - E g_full||^2
-    mean_norm_sq: float  # ||mean g_c||^2 (signal size, for scale)
+    mean_norm_sq: float  # ||E g_c||^2, unbiased (can come out below 0 when the signal is below noise)
+    alignment: float  # E g_c . E g_full, unbiased
+    full_norm_sq: float  # ||E g_full||^2, unbiased
     episodes: int
 
     def mse(self, batch_size: int) -> float:
+        """Mean squared error of the batch gradient against the full-return gradient (reported)."""
         return self.bias_sq + self.variance / batch_size
+
+    def expected_cosine(self, batch_size: int) -> float:
+        """The selector's score: cosine of the batch gradient with the full-return gradient."""
+        second_moment = max(self.mean_norm_sq, 0.0) + self.variance / batch_size
+        if second_moment <= 0:
+            return 0.0
+        scale = math.sqrt(self.full_norm_sq) if self.full_norm_sq > 0 else 1.0
+        return self.alignment / (scale * math.sqrt(second_moment))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,16 +93,24 @@ def per_turn_gradients(model, episode: Episode, parameters: list[torch.Tensor]) 
 
 
 class _Moments:
-    """Running sum and sum of squared norms of vectors: enough for the trace of their covariance."""
+    """Running sums of vectors, of their squared norms and of their products with a reference
+    vector: enough for the trace of their covariance and unbiased products of means."""
 
     def __init__(self) -> None:
-        self.n, self.total, self.sum_sq = 0, None, 0.0
+        self.n, self.total, self.sum_sq, self.sum_dot = 0, None, 0.0, 0.0
 
-    def add(self, g: torch.Tensor) -> None:
+    def add(self, g: torch.Tensor, reference: torch.Tensor | None = None) -> None:
         g = g.double()
         self.n += 1
         self.total = g.clone() if self.total is None else self.total + g
         self.sum_sq += float(g.pow(2).sum())
+        if reference is not None:
+            self.sum_dot += float(g @ reference.double())
+
+    def mean_dot(self, other: _Moments) -> float:
+        """E[x] . E[y] without bias, from pairs of distinct samples (``add(x, reference=y)``)."""
+        n = self.n
+        return (float(self.total @ other.total) - self.sum_dot) / (n * (n - 1))
 
     def mean(self) -> torch.Tensor:
         return self.total / self.n
@@ -122,7 +153,7 @@ def gradient_stats(
             G = per_turn_gradients(model, episode, params)  # [T, P]
             per_class = {label: a[i, : episode.num_turns].to(G.dtype) @ G for label, a in advantages.items()}
             for label, g in per_class.items():
-                moments[label].add(g)
+                moments[label].add(g, reference=per_class[reference])
                 differences[label].add(g - per_class[reference])
     finally:
         model.train(was_training)
@@ -130,16 +161,19 @@ def gradient_stats(
     for label in classes:
         d = differences[label]
         bias_sq = 0.0 if label == reference else max(0.0, float(d.mean().pow(2).sum()) - d.trace_cov() / d.n)
+        m, full = moments[label], moments[reference]
         out[label] = ClassGradientStats(
             label,
-            moments[label].trace_cov(),
-            bias_sq,
-            float(moments[label].mean().pow(2).sum()),
-            len(episodes),
+            variance=m.trace_cov(),
+            bias_sq=bias_sq,
+            mean_norm_sq=float(m.mean().pow(2).sum()) - m.trace_cov() / m.n,
+            alignment=m.mean_dot(full),
+            full_norm_sq=float(full.mean().pow(2).sum()) - full.trace_cov() / full.n,
+            episodes=len(episodes),
         )
     return out
 
 
 def select_class(stats: Mapping[str, ClassGradientStats], batch_size: int) -> str:
-    """The class whose batch gradient has the smallest estimated MSE against the full-return gradient."""
-    return min(stats, key=lambda label: stats[label].mse(batch_size))
+    """The class whose batch gradient is expected to point closest to the full-return gradient."""
+    return max(stats, key=lambda label: stats[label].expected_cosine(batch_size))

@@ -1,20 +1,30 @@
-"""An experiment suite: policy classes x problems x seeds on one base config, as one YAML file.
+"""An experiment suite: methods x problems x seeds on one base config, as one YAML file.
 
     name: paper
     base:                              # overrides of the default config, as on the command line
       run.iterations: 20
-    classes:                           # label -> objective.policy_class
+    methods:                           # label -> a policy class, trained online by policy gradient
       full: {type: full}
       greedy: {type: greedy}
       k2: {type: k_step, k: 2}
       segment: {type: segment}
+      ppo:                             # or a class with learner overrides (the PPO baseline) ...
+        policy_class: {type: full}
+        overrides: {learner.algorithm: ppo}
+      offline_k2:                      # ... or trained offline on logged conversations of the
+        policy_class: {type: k_step, k: 2}   # initial policy (ppg collect; the same data budget)
+        offline: true
     problems:                          # name -> target reward (+ optional overrides for that problem)
-      myopic: {target_reward: 0.12, classes: [full, greedy, k2]}
+      myopic: {target_reward: 0.12, methods: [full, greedy, k2]}
       segmented: {target_gain: 0.05, overrides: {problem.num_turns: 6}}
-    seeds: [0, 1, 2]
-    selector: {pilot_episodes: 64}     # the automatic class selector's pilot batch (omit to skip)
+    seeds: [0, 1, 2, 3, 4]
+    eval_episodes: 64                  # held-out conversations per run (the score of a run)
+    selector: {pilot_episodes: 64}     # the automatic class selector (omit to skip)
 
-Every cell's config is validated when the suite loads, so a typo fails before an hour of training.
+Every problem also gets the initial policy's row (no RL: the held-out evaluation of the warm start)
+and, with a selector, the selector's own runs (its pick per seed, trained with an independent
+training seed). Every cell's config is validated when the suite loads, so a typo fails before an
+hour of training.
 """
 
 from __future__ import annotations
@@ -52,7 +62,7 @@ class ProblemEntry(_Strict):
     target_gain: float | None = Field(
         default=None, description="or: solved = the initial policy's reward (pilot batch) + this gain"
     )
-    classes: list[str] | None = Field(default=None, description="subset of the suite's classes to run here")
+    methods: list[str] | None = Field(default=None, description="subset of the suite's methods to run here")
     overrides: dict[str, Any] = Field(default_factory=dict, description="config overrides for this problem")
 
     @model_validator(mode="after")
@@ -62,6 +72,32 @@ class ProblemEntry(_Strict):
         return self
 
 
+class Method(_Strict):
+    """One row of the comparison: a policy class and how it is trained."""
+
+    policy_class: PolicyClass
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="config overrides for this method (e.g. learner.algorithm: ppo)"
+    )
+    offline: bool = Field(
+        default=False,
+        description="train on logged conversations of the initial policy (run.offline_data), "
+        "as many as an online run samples, instead of online rollouts",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``{type: greedy}`` is the policy class of an online method."""
+        if isinstance(value, dict) and "type" in value:
+            return {"policy_class": value}
+        return value
+
+
+INITIAL, SELECTOR = "initial", "selector"  # the rows every problem gets besides its methods
+SELECTOR_SEED_OFFSET = 1000  # the selector's runs train with seed + this: independent of the methods'
+
+
 class SelectorSpec(_Strict):
     pilot_episodes: PositiveInt = Field(default=64, description="episodes in the pilot batch")
 
@@ -69,9 +105,12 @@ class SelectorSpec(_Strict):
 class Suite(_Strict):
     name: str = Field(min_length=1)
     base: dict[str, Any] = Field(default_factory=dict)
-    classes: dict[str, PolicyClass] = Field(min_length=1)
+    methods: dict[str, Method] = Field(min_length=1)
     problems: dict[str, ProblemEntry] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
+    eval_episodes: PositiveInt = Field(
+        default=64, description="held-out conversations per run; the same ones for every method of a seed"
+    )
     selector: SelectorSpec | None = None
 
     @field_validator("seeds")
@@ -81,49 +120,84 @@ class Suite(_Strict):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
 
-    @field_validator("classes")
+    @field_validator("methods")
     @classmethod
-    def _labels_are_folder_names(cls, classes: dict) -> dict:
-        bad = [k for k in classes if not k.replace("_", "").replace("-", "").isalnum()]
+    def _labels_are_folder_names(cls, methods: dict) -> dict:
+        bad = [k for k in methods if not k.replace("_", "").replace("-", "").isalnum()]
         if bad:
-            raise ValueError(f"class labels become folder names: use letters, digits, - and _ (got {bad})")
-        return classes
+            raise ValueError(f"method labels become folder names: use letters, digits, - and _ (got {bad})")
+        reserved = sorted({INITIAL, SELECTOR} & set(methods))
+        if reserved:
+            raise ValueError(f"{reserved} are the rows every problem gets: name the method otherwise")
+        return methods
 
     @model_validator(mode="after")
-    def _known_classes(self) -> Suite:
+    def _known_methods(self) -> Suite:
         from ppg.env.problems import PROBLEMS
 
         for name, entry in self.problems.items():
             if name not in PROBLEMS:
                 raise ValueError(f"problems.{name}: unknown problem; registered: {sorted(PROBLEMS)}")
-            unknown = set(entry.classes or []) - set(self.classes)
+            unknown = set(entry.methods or []) - set(self.methods)
             if unknown:
-                raise ValueError(f"problems.{name}.classes names unknown classes {sorted(unknown)}")
+                raise ValueError(f"problems.{name}.methods names unknown methods {sorted(unknown)}")
             if entry.target_gain is not None and self.selector is None:
                 raise ValueError(f"problems.{name}.target_gain needs the selector's pilot batch (selector:)")
         return self
 
-    def classes_for(self, problem: str) -> list[str]:
-        return self.problems[problem].classes or list(self.classes)
+    def methods_for(self, problem: str) -> list[str]:
+        return self.problems[problem].methods or list(self.methods)
+
+    def selector_candidates(self, problem: str) -> list[str]:
+        """What the selector chooses among: the problem's policy classes trained online as they are
+        (not the baselines: PPO's overrides, offline training)."""
+        return [
+            m for m in self.methods_for(problem) if not (self.methods[m].offline or self.methods[m].overrides)
+        ]
+
+    def rows_for(self, problem: str) -> list[str]:
+        """The table's rows for a problem: the initial policy, its methods, the selector."""
+        return [INITIAL, *self.methods_for(problem), *([SELECTOR] if self.selector else [])]
 
     def cells(self) -> list[tuple[str, str, int]]:
-        """(problem, class label, seed), problem-major: a problem's curves complete early."""
-        return [(p, c, s) for p in self.problems for c in self.classes_for(p) for s in self.seeds]
+        """(problem, method label, seed), problem-major: a problem's rows complete early."""
+        return [(p, m, s) for p in self.problems for m in self.methods_for(p) for s in self.seeds]
 
     def config(self, problem: str, label: str | None, seed: int) -> PPGConfig:
-        """The cell's config: defaults <- base <- the problem's overrides <- problem, class, seed."""
+        """The cell's config: defaults <- base <- the problem's overrides <- the method's overrides
+        <- problem, seed, the method's policy class."""
+        method = self.methods.get(label) if label else None
         overrides = {
             **self.base,
             **self.problems[problem].overrides,
+            **(method.overrides if method else {}),
             "problem.name": problem,
             "run.seed": seed,
         }
         config = load_config(None, [f"{k}={_yaml_value(v)}" for k, v in overrides.items()])
-        if label is not None:
-            objective = config.objective.model_copy(update={"policy_class": self.classes[label]})
+        if method is not None:
+            objective = config.objective.model_copy(update={"policy_class": method.policy_class})
             config = config.model_copy(update={"objective": objective})
         name = f"{problem}-{label or 'pilot'}-seed{seed}"
         return config.model_copy(update={"run": config.run.model_copy(update={"name": name})})
+
+    def selector_config(self, problem: str, pick: str, seed: int) -> PPGConfig:
+        """The selector's own run of its pick: an independent training seed, named as its own row."""
+        config = self.config(problem, pick, seed)
+        run = config.run.model_copy(
+            update={"seed": seed + SELECTOR_SEED_OFFSET, "name": f"{problem}-{SELECTOR}-seed{seed}"}
+        )
+        return config.model_copy(update={"run": run})
+
+    def extends(self, recorded: dict) -> list[str]:
+        """What in this suite contradicts ``recorded`` (an earlier suite.json of the same folder):
+        a suite may add methods, problems and seeds to a folder, never change what was run."""
+        now = self.model_dump(mode="json")
+        clashes = [k for k in ("base", "eval_episodes", "selector") if recorded.get(k) != now[k]]
+        for section in ("methods", "problems"):
+            old, new = recorded.get(section, {}), now[section]
+            clashes += [f"{section}.{k}" for k in set(old) & set(new) if old[k] != new[k]]
+        return sorted(clashes)
 
 
 def _yaml_value(v: Any) -> str:
@@ -143,11 +217,11 @@ def load_suite(path: str | Path) -> Suite:
         lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
         raise SuiteError(f"{path}: invalid suite\n" + "\n".join(lines)) from None
     for problem in suite.problems:  # every cell must be a valid run before anything starts
-        for label in suite.classes_for(problem):
+        for label in suite.methods_for(problem):
             try:
                 check_trainable(suite.config(problem, label, suite.seeds[0]))
             except ConfigError as e:
-                raise SuiteError(f"{path}: problem {problem!r} x class {label!r}: {e}") from None
+                raise SuiteError(f"{path}: problem {problem!r} x method {label!r}: {e}") from None
     return suite
 
 
@@ -158,3 +232,11 @@ def cell_dir(out: Path, problem: str, label: str, seed: int) -> Path:
 
 def pilot_path(out: Path, problem: str, seed: int) -> Path:
     return out / "pilots" / f"{problem}-seed{seed}.json"
+
+
+def offline_data_path(out: Path, problem: str, seed: int) -> Path:
+    """The initial policy's logged conversations that a seed's offline methods train on."""
+    return out / "offline" / f"{problem}-seed{seed}.jsonl"
+
+
+HELDOUT = "heldout.json"  # in a cell folder: its held-out evaluation, the score of the run
