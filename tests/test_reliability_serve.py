@@ -343,7 +343,7 @@ def test_reload_with_weights_of_another_shape_is_refused_and_changes_nothing(ser
     first, last = sorted(state)[0], sorted(state)[-1]
     bad = {k: v + 1.0 for k, v in state.items()}  # every tensor differs: a partial load would show
     bad[last] = torch.zeros(3, 5)
-    with pytest.raises(Exception, match="does not fit the served model") as info:
+    with pytest.raises(Exception, match="does not fit the running model") as info:
         handle.reload.remote(int(version) + 1, bad).result()
     assert last in str(info.value) and first not in str(info.value)
     after = _chat(client).json()

@@ -120,6 +120,30 @@ def test_weights_from_a_checkpoint_folder(pool, model_path, hf, prompts, tmp_pat
 
 
 @pytest.mark.slow
+def test_weights_of_another_model_are_refused_and_the_workers_keep_working(pool, model_path, hf, prompts):
+    """One bad update must not break a worker's engine (vLLM reloads through meta tensors: a shape
+    found wrong halfway leaves it unable to generate): refused first by the pool, and by the engine
+    itself when a worker is called directly; the version stays, generation is unchanged."""
+    import ray
+
+    from ppg.weights import WeightsMismatch
+
+    state = load_state_dict(model_path)
+    last = sorted(state)[-1]
+    bad = {k: v + 1.0 for k, v in state.items()}  # every tensor differs: a partial load would show
+    bad[last] = torch.zeros(3, 5)
+    versions = pool.versions()
+    with pytest.raises(WeightsMismatch, match=f"version 99 does not fit the running model.*{last}"):
+        pool.update_weights(99, bad)
+    worker = next(iter(pool.workers.values()))
+    with pytest.raises(ray.exceptions.RayTaskError, match="does not fit the running model"):
+        ray.get(worker.update_weights.remote(99, bad))
+    assert pool.versions() == versions and pool.policy_version == max(versions.values())
+    out = ray.get(worker.generate.remote(prompts, GREEDY))
+    assert [g.token_ids for g in out] == [g.token_ids for g in hf.generate(prompts, GREEDY)]
+
+
+@pytest.mark.slow
 def test_collect_returns_exactly_the_requested_episodes(pool):
     requests = plan_requests(load_personas(), 16, 4, 4, seed=1, first_request_id=10)
     results = pool.collect(requests)

@@ -28,6 +28,7 @@ import torch
 
 from ppg.config import PPGConfig
 from ppg.files import fsync_dir, fsync_tree
+from ppg.weights import tensor_shapes
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
 TOKENIZER_FILES = (
@@ -170,18 +171,6 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
         )
     _check_tensors(path, policy, shapes)
     return policy
-
-
-def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a folder's safetensors, from the headers only (no tensor is read)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(f, framework="pt") as weights:
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
-                shapes[key] = tuple(weights.get_slice(key).get_shape())
-    return shapes
 
 
 def _check_tensors(path: Path, policy: Path, found: dict[str, tuple[int, ...]]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +32,7 @@ from typing import Any, Protocol
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
-Weights = Mapping[str, torch.Tensor] | str | Path  # a state dict (HF names) or a checkpoint folder
+from ppg.weights import Weights, check_weights_fit, tensor_shapes
 
 
 class EngineConfig(BaseModel):
@@ -180,6 +179,7 @@ class VLLMEngine:
         config = config or EngineConfig()
         self.model_path = str(model_path)
         self.llm = build_llm(self.model_path, config)
+        self._shapes = tensor_shapes(self.model_path)  # what every update must match
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = config.max_model_len
         self.token_budget = config.max_num_batched_tokens
@@ -314,7 +314,9 @@ class VLLMEngine:
         ]
 
     def update_weights(self, weights: Weights) -> None:
-        """Load new weights into the running engine, in place (no restart, KV cache kept)."""
+        """Load new weights into the running engine, in place (no restart, KV cache kept); weights
+        of another model are refused first (WeightsMismatch), leaving the engine as it was."""
+        check_weights_fit(self._shapes, weights, "the new weights")
         if isinstance(weights, (str, Path)):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights)})
         else:

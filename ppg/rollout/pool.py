@@ -22,8 +22,9 @@ from ppg.config import PPGConfig
 from ppg.env.personas import Persona
 from ppg.episode import Episode
 from ppg.ray_session import shareable_weights
-from ppg.rollout.engine import Weights, engine_actor_env
+from ppg.rollout.engine import engine_actor_env
 from ppg.rollout.worker import RolloutRequest, RolloutResult, RolloutWorker
+from ppg.weights import Weights, check_weights_fit, tensor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class RolloutPool:
         name_prefix: str = "ppg-rollout",
     ) -> None:
         self.config, self.model_path, self.name_prefix = config, model_path, name_prefix
+        self._shapes = tensor_shapes(model_path)  # what every weight update must match
         self.workers: dict[str, Any] = {}  # name -> actor handle
         self.policy_version = 0
         self._weights: Any = None  # ObjectRef of the latest state dict, or a checkpoint path
@@ -121,7 +123,10 @@ class RolloutPool:
     # --- weights ------------------------------------------------------------------------------
 
     def update_weights(self, version: int, weights: Weights) -> dict[str, int]:
-        """Push version ``version`` to every worker; returns each worker's reported version."""
+        """Push version ``version`` to every worker; returns each worker's reported version.
+        Weights of another model are refused here (WeightsMismatch), before any worker, or any
+        worker started later, is given them."""
+        check_weights_fit(self._shapes, weights, f"version {version}")
         ref = shareable_weights(weights)
         with self._lock:
             self._weights, self.policy_version = ref, version

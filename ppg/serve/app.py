@@ -37,7 +37,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ppg.learner.checkpoint import tensor_shapes
 from ppg.rollout.engine import Completion, CompletionRequest, SamplingRefused
 from ppg.serve.errors import APIError, documented, install_error_handlers
 from ppg.serve.schemas import (
@@ -55,6 +54,7 @@ from ppg.serve.schemas import (
     Usage,
 )
 from ppg.serve.settings import ServeSettings
+from ppg.weights import check_weights_fit, tensor_shapes
 
 logger = logging.getLogger("ppg.serve")
 VERSION_HEADER = "x-ppg-policy-version"
@@ -276,24 +276,7 @@ class PolicyServer:
         return self.version
 
     def _check_fits(self, version: int, weights: Mapping | str) -> None:
-        """Refuse weights of another model before the engine sees them: vLLM 0.32 reloads through
-        meta tensors, so a mismatch found halfway leaves the engine unable to generate at all
-        (measured: every later request fails), i.e. one bad reload would take the replica down."""
-        incoming = (
-            tensor_shapes(Path(weights))
-            if isinstance(weights, str)
-            else {k: tuple(v.shape) for k, v in weights.items()}
-        )
-        wrong = [
-            f"{k} {shape} (served: {self._shapes[k]})"
-            for k, shape in incoming.items()
-            if k in self._shapes and shape != self._shapes[k]
-        ]
-        if wrong or not set(incoming) & set(self._shapes):
-            detail = f"wrong shapes {wrong[:3]}" if wrong else "no tensor name matches the served model"
-            raise ValueError(
-                f"version {version} does not fit the served model ({detail}); nothing was changed"
-            )
+        check_weights_fit(self._shapes, weights, f"version {version}")
 
     def model_id(self, version: int | None = None) -> str:
         return f"{self.settings.model_name}-v{self.version if version is None else version}"
