@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   ppg train --config examples/greedy.yaml run.iterations=50
   ppg train --resume runs/default-20261125-120000             # continue from the latest checkpoint
   ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic,elicitation
+  ppg collect --out data/myopic.jsonl --episodes 512          # the initial model's judged episodes
+  ppg train run.offline_data=data/myopic.jsonl                # offline PPG on that file
   ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
   ppg experiment --suite experiments/paper.yaml      # classes x problems x seeds; resumable
   ppg problems
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", metavar="DIR", help="where report.json, report.md, samples.md go (default <checkpoint>/eval)"
     )
     evaluate.set_defaults(handler=cmd_eval)
+
+    collect = subcommand(
+        commands,
+        "collect",
+        "play a policy on the training personas, judged as in training, into an episodes file (offline PPG)",
+    )
+    add_config_arguments(collect)
+    collect.add_argument(
+        "--out", required=True, metavar="FILE", help="the episodes file to write (JSON Lines)"
+    )
+    collect.add_argument(
+        "--checkpoint", metavar="DIR", help="a checkpoint (or policy) folder (default: model.name_or_path)"
+    )
+    collect.add_argument(
+        "--episodes", type=int, default=256, help="a multiple of rollout.group_size (default 256)"
+    )
+    collect.set_defaults(handler=cmd_collect)
 
     serve = subcommand(commands, "serve", "serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)")
     add_config_arguments(serve)
@@ -151,6 +170,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides, args.out)
     print("\n".join(summary_lines(report)))
     print(f"report: {report['output_dir']}/report.md (report.json, samples.md)")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ppg.collect import collect
+    from ppg.offline import read_header
+
+    path = collect(args.out, args.episodes, args.checkpoint, args.config, args.overrides)
+    problem = read_header(path).problem
+    print(f"wrote {args.episodes} episodes to {path}")
+    print(f"train on them with: ppg train problem.name={problem} run.offline_data={path}")
     return 0
 
 

@@ -208,6 +208,14 @@ class RunConfig(Section):
         description="write a few of the batch's conversations (with per-turn rewards) to "
         "samples/iter_N.md and TensorBoard every this many iterations; 0 = off",
     )
+    offline_data: Path | None = Field(
+        default=None,
+        description="offline PPG: a ppg-episodes file (ppg collect) whose logged, judged episodes "
+        "replace the rollouts: each iteration trains on rollout.episodes_per_iteration of them (whole "
+        "groups, drawn from run.seed and the iteration), each turn's log-likelihood weighted by its "
+        "advantage without importance weights; weights still go to the rollout pool (final "
+        "evaluation, serving). None = online",
+    )
     final_eval_episodes: int = Field(
         default=64,
         ge=0,

@@ -25,6 +25,7 @@ from ppg.learner.checkpoint import latest_checkpoint, load_state, validate_check
 from ppg.learner.loop import train_loop_per_worker
 from ppg.learner.metrics import plot_rewards, read_metrics
 from ppg.models import resolve_model
+from ppg.offline import check_offline_data
 from ppg.ray_session import CHAT_LLM_ACTOR, POOL_ACTOR, connect
 from ppg.rollout.pool import RolloutPool
 from ppg.serve.service import PolicyService
@@ -62,12 +63,13 @@ def train(
     resume_from = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        config = check_trainable(load_config(run_dir / "config.yaml", overrides))
+        config = check_offline_data(check_trainable(load_config(run_dir / "config.yaml", overrides)))
         resume_from = latest_checkpoint(run_dir)
         policy_path = str(validate_checkpoint(resume_from))
     else:
         assert config is not None
-        check_trainable(config)
+        # run.offline_data: checked before the run folder exists, and absolute from here on
+        config = check_offline_data(check_trainable(config))
         run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None
@@ -78,6 +80,8 @@ def train(
         f"[ppg] run folder {run_dir}; if this process dies, continue with: ppg train --resume {run_dir}",
         flush=True,
     )
+    if config.run.offline_data:
+        print(f"[ppg] offline PPG: every batch comes from {config.run.offline_data}", flush=True)
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path

@@ -122,7 +122,7 @@ def eval_requests(config: PPGConfig, held_out: list, episodes: int) -> list:
     )
 
 
-def _call(pool: Any, method: str, *args: Any) -> Any:
+def call_pool(pool: Any, method: str, *args: Any) -> Any:
     """Call a RolloutPool method on a local pool or on the named pool actor alike."""
     fn = getattr(pool, method)
     if hasattr(fn, "remote"):
@@ -153,11 +153,11 @@ def evaluate_on_pool(
         for label in order:
             version, path = weights[label]
             if loaded is None or loaded[0] != name:
-                _call(pool, "reconfigure", config, version, path)
+                call_pool(pool, "reconfigure", config, version, path)
             elif loaded[1] != label:
-                _call(pool, "update_weights", version, path)
+                call_pool(pool, "update_weights", version, path)
             loaded = (name, label)
-            played[label] = _call(pool, "episodes", requests)
+            played[label] = call_pool(pool, "episodes", requests)
             ids = [p for r in requests for p in r.persona_ids]
             if [e.persona_id for e in played[label]] != ids:
                 raise RuntimeError(f"the pool returned other episodes than requested for {label}")

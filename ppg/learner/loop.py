@@ -4,11 +4,15 @@ Rank 0 drives: it asks the rollout pool for the iteration's episodes, computes a
 whole batch, and shares them; every rank updates on its shard; rank 0 then broadcasts the new
 weights (version v+1) to the rollout workers, writes metrics and checkpoints. Synchronous by
 default; with ``run.async_rollouts`` the next iteration's rollouts run during this update (episodes
-are then one version behind, and ``learner.max_staleness`` / ``learner.off_policy`` apply).
+are then one version behind, and ``learner.max_staleness`` / ``learner.off_policy`` apply). Offline
+(``run.offline_data``) the batches come from a file of logged, judged episodes instead
+(``OfflineCollector``); everything after the batch is the same.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import random
 import time
@@ -36,6 +40,7 @@ from ppg.learner.checkpoint import (
 )
 from ppg.learner.metrics import MetricsWriter
 from ppg.learner.update import PolicyLearner, UpdateStats, check_staleness, global_advantages
+from ppg.offline import episode_groups, read_episodes
 from ppg.policy_registry import publish_policy
 from ppg.ray_session import POOL_ACTOR
 from ppg.rollout.pool import plan_requests
@@ -74,13 +79,40 @@ class Batch:
     seconds: dict[str, float]  # rollout (wall), generate, environment
 
 
-class BatchCollector:
+class PoolWeights:
+    """Rank 0's line to the rollout pool's weights: every update goes to the rollout workers (and
+    the live HTTP policy), online or offline, so the final evaluation and serving see the new policy."""
+
+    def __init__(self, config: PPGConfig) -> None:
+        self.config = config
+
+    @functools.cached_property
+    def pool(self):
+        return ray.get_actor(POOL_ACTOR)
+
+    def restart_from(self, version: int, policy: Path) -> None:
+        """Every rollout worker back to a checkpoint's weights and version."""
+        ray.get(self.pool.update_weights.remote(version, str(policy)))
+
+    def publish(self, version: int, model: torch.nn.Module) -> int:
+        """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
+        weights = ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        if self.config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
+            publish_policy(self.config.serve.app_name, version, weights)
+        acks = ray.get(self.pool.update_weights.remote(version, weights))
+        if set(acks.values()) != {version}:
+            raise RuntimeError(
+                f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
+            )
+        return len(acks)
+
+
+class BatchCollector(PoolWeights):
     """Rank 0's side of the rollout pool: asks for an iteration's episodes (the next iteration's
     already in flight with ``run.async_rollouts``), keeps those the learner may use, and scores them."""
 
     def __init__(self, config: PPGConfig) -> None:
-        self.config = config
-        self.pool = ray.get_actor(POOL_ACTOR)
+        super().__init__(config)
         self.personas, _ = split_personas(load_personas(config.problem.personas_file))
         self.prefetch = None
 
@@ -113,21 +145,49 @@ class BatchCollector:
             },
         )
 
-    def restart_from(self, version: int, policy: Path) -> None:
-        """Every rollout worker back to a checkpoint's weights and version."""
-        ray.get(self.pool.update_weights.remote(version, str(policy)))
 
-    def publish(self, version: int, model: torch.nn.Module) -> int:
-        """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
-        weights = ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        if self.config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
-            publish_policy(self.config.serve.app_name, version, weights)
-        acks = ray.get(self.pool.update_weights.remote(version, weights))
-        if set(acks.values()) != {version}:
-            raise RuntimeError(
-                f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
+class OfflineCollector(PoolWeights):
+    """Offline PPG: each iteration's batch is ``rollout.episodes_per_iteration`` logged episodes of
+    ``run.offline_data``, as whole groups (so group baselines compare episodes of one prompt).
+
+    Epoch e visits the file's groups in a permutation seeded by (run.seed, e), a batch per slice of
+    it; iteration i is batch i mod (groups // batch groups) of epoch i div that, so its batch depends
+    only on (seed, i) and a resumed run sees exactly its killed twin's batches. Each episode is
+    stamped with the learner's version and no log-probs: the update is the reward-weighted
+    log-likelihood sum_t advantage[t] * log pi(a_t|s_t), without importance weights."""
+
+    def __init__(self, config: PPGConfig) -> None:
+        super().__init__(config)
+        _, episodes = read_episodes(config.run.offline_data)
+        self.groups = episode_groups(episodes)
+        self.per_batch = config.rollout.episodes_per_iteration // config.rollout.group_size
+        if not 0 < self.per_batch <= len(self.groups):
+            raise ValueError(
+                f"run.offline_data holds {len(self.groups)} groups; a batch needs {self.per_batch}"
             )
-        return len(acks)
+
+    def groups_for(self, iteration: int) -> list[int]:
+        """Indices of the file's groups in iteration ``iteration``'s batch."""
+        per_epoch = len(self.groups) // self.per_batch
+        epoch, slot = divmod(iteration, per_epoch)
+        rng = random.Random(self.config.run.seed * 1_000_003 + epoch)
+        order = rng.sample(range(len(self.groups)), k=len(self.groups))
+        return order[slot * self.per_batch : (slot + 1) * self.per_batch]
+
+    def collect(self, iteration: int, version: int) -> Batch:
+        start = time.perf_counter()
+        episodes = [
+            dataclasses.replace(e, group_id=g, policy_version=version, logprobs=None)
+            for g, index in enumerate(self.groups_for(iteration))
+            for e in self.groups[index]
+        ]
+        return Batch(
+            episodes,
+            global_advantages(episodes, self.config.objective),
+            0,
+            batch_fingerprint(episodes),
+            {"rollout": time.perf_counter() - start, "generate": 0.0, "environment": 0.0},
+        )
 
 
 def starting_checkpoint(loop_config: dict) -> str | None:
@@ -235,7 +295,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = restore(learner, checkpoint, rank)
     version, first, last = state["policy_version"], state["iteration"], config.run.iterations
     if rank == 0:
-        collector, metrics = BatchCollector(config), MetricsWriter(loop_config["run_dir"])
+        collector = (OfflineCollector if config.run.offline_data else BatchCollector)(config)
+        metrics = MetricsWriter(loop_config["run_dir"])
         if checkpoint:  # the workers may hold newer weights than the checkpoint (a restart)
             collector.restart_from(version, Path(checkpoint) / "policy")
     start = time.perf_counter()
