@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ppg.config import PPGConfig, load_config
+from ppg.collect import collect_on_pool
 from ppg.driver import start_pool, train
 from ppg.env.personas import load_personas, split_personas
 from ppg.evaluate import evaluate_on_pool
@@ -50,7 +51,7 @@ from ppg.files import atomic_write_text
 from ppg.learner.checkpoint import STATE, latest_checkpoint, list_checkpoints
 from ppg.models import resolve_model
 from ppg.objectives import FullPlanning
-from ppg.offline import collect_on_pool, write_episodes
+from ppg.offline import write_episodes
 from ppg.ray_session import connect
 from ppg.rollout.pool import plan_requests
 
@@ -184,7 +185,8 @@ def offline_data(suite: Suite, problem: str, seed: int, out: Path, pool, policy_
         config = suite.config(problem, None, seed)
         n = config.run.iterations * config.rollout.episodes_per_iteration
         episodes = collect_on_pool(pool, config, policy_path, 0, n, seed)
-        write_episodes(path, episodes, {"problem": problem, "model": policy_path, "policy": "initial"})
+        header = {"problem": problem, "model": config.model.name_or_path, "policy": "initial", "seed": seed}
+        write_episodes(path, episodes, header)
     return path
 
 
