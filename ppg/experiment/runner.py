@@ -30,8 +30,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from ppg.config import PPGConfig, load_config
 from ppg.collect import collect_on_pool
+from ppg.config import PPGConfig, load_config
 from ppg.driver import start_pool, train
 from ppg.env.personas import load_personas, split_personas
 from ppg.evaluate import evaluate_on_pool
