@@ -148,7 +148,9 @@ def start_workers_chat_llm(config: PPGConfig):
 def start_pool(config: PPGConfig, policy_path: str):
     actor = (
         ray.remote(RolloutPool)
-        .options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8)
+        # A pool whose process dies is started again by Ray (its workers die with it and are
+        # started anew); the learner's own restart then puts them on the run's config and weights.
+        .options(name=POOL_ACTOR, num_cpus=0, max_concurrency=8, max_restarts=config.run.max_failures)
         .remote(config, policy_path)
     )
     ray.get(actor.versions.remote())  # wait until the workers are up

@@ -90,9 +90,12 @@ class PoolWeights:
     def pool(self):
         return ray.get_actor(POOL_ACTOR)
 
-    def restart_from(self, version: int, policy: Path) -> None:
-        """Every rollout worker back to a checkpoint's weights and version."""
-        ray.get(self.pool.update_weights.remote(version, str(policy)))
+    def start_at(self, version: int, policy: Path | str) -> None:
+        """Every rollout worker on this run's config and on the weights and version the learner
+        starts from. Usually they are there already; not after a failure: a restarted learner
+        finds workers ahead of its checkpoint, a restarted pool (its process died) workers on the
+        config it was first started with, at version 0."""
+        ray.get(self.pool.reconfigure.remote(self.config, version, str(policy), keep_size=True))
 
     def publish(self, version: int, model: torch.nn.Module) -> int:
         """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
@@ -297,8 +300,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:
         collector = (OfflineCollector if config.run.offline_data else BatchCollector)(config)
         metrics = MetricsWriter(loop_config["run_dir"])
-        if checkpoint:  # the workers may hold newer weights than the checkpoint (a restart)
-            collector.restart_from(version, Path(checkpoint) / "policy")
+        collector.start_at(version, Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"])
     start = time.perf_counter()
 
     for iteration in range(first, last):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import random
 import threading
 from collections import deque
@@ -38,6 +39,10 @@ class RolloutPool:
         name_prefix: str = "ppg-rollout",
     ) -> None:
         self.config, self.model_path, self.name_prefix = config, model_path, name_prefix
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            # Ray restarted this pool after its process died (run.max_failures): the old workers
+            # died with it, but their names may still be held until Ray has noticed; use new ones.
+            self.name_prefix = f"{name_prefix}-{os.getpid()}"
         self._shapes = tensor_shapes(model_path)  # what every weight update must match
         self.workers: dict[str, Any] = {}  # name -> actor handle
         self.policy_version = 0
@@ -134,16 +139,22 @@ class RolloutPool:
             acks = ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
         return dict(zip(names, acks, strict=True))
 
-    def reconfigure(self, config: PPGConfig, version: int, weights: Weights) -> dict[str, int]:
+    def reconfigure(
+        self, config: PPGConfig, version: int, weights: Weights, keep_size: bool = False
+    ) -> dict[str, int]:
         """Point every worker (and every later one) at a new run's config and weights, keeping the
-        engines: starting vLLM is the expensive part of a pool. Returns each worker's version."""
+        engines: starting vLLM is the expensive part of a pool. Returns each worker's version.
+        ``keep_size``: keep the pool's current size (a run's learner restarting) instead of the
+        config's ``rollout.num_workers`` (a new run)."""
+        check_weights_fit(self._shapes, weights, f"version {version}")
         ref = shareable_weights(weights)
         with self._lock:
             self.config, self._weights, self.policy_version = config, ref, version
             names = list(self.workers)
             payload = config.model_dump(mode="json")
             acks = ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
-            self._target = config.rollout.num_workers
+            if not keep_size:
+                self._target = config.rollout.num_workers
         self._reconcile(busy=set(), wait=True)
         return dict(zip(names, acks, strict=True))
 
