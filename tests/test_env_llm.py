@@ -60,6 +60,24 @@ def test_llm_partner_prompt_carries_persona_and_goal_and_swaps_roles():
 
 
 @pytest.mark.slow
+def test_a_sampling_llm_partner_answers_the_same_batch_the_same_way(llm_actor):
+    """The partner samples with a seed drawn from its conversations' seeds and turn, so a call
+    redone after its actor crashed, or a resumed run, gets exactly the replies it had."""
+    import dataclasses
+
+    from ppg.env.partners import PartnerRequest
+    from ppg.env.problems import UserMove
+
+    history = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."})
+    move = UserMove(say="x", goal="ask for music ideas.")
+    requests = [PartnerRequest(p, move, history, seed=i, turn=1) for i, p in enumerate(PERSONAS[:4])]
+    partner = LLMPartner(llm_actor, temperature=1.0)
+    first = partner.reply(requests)
+    assert partner.reply(requests) == first
+    assert partner.reply([dataclasses.replace(r, turn=2) for r in requests]) != first
+
+
+@pytest.mark.slow
 def test_llm_judge_on_a_real_engine_scores_in_range(llm_actor):
     judge = LLMJudge(llm_actor)
     requests = [

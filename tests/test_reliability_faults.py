@@ -11,9 +11,7 @@ with SIGKILL): nothing is lost, nothing is doubled, nothing is silently scored 0
   after its first checkpoint and continued with ``ppg train --resume``. Every iteration has exactly ``episodes_per_iteration`` episodes, and
   the two runs have the same batch fingerprints and end with the same parameters: neither fault
   changed a single episode or update.
-* The same run with its Ray Train learner worker killed (SIGKILL) during the second iteration: Ray
-  Train restarts the learner, which continues from the last checkpoint by itself (``run.max_failures``)
-  and ends with the same parameters again.
+* A learner worker, the pool actor and the partner actor killed: tests/test_reliability_chaos.py.
 """
 
 from __future__ import annotations
@@ -285,40 +283,3 @@ def test_killed_driver_resumes_exactly_like_the_run_it_was(run_with_a_killed_wor
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file() and token.read_text().strip():
         assert token.read_text().strip() not in log, "Ray's auth token in the driver's output"
-
-
-def _train_in_thread(name: str, root: Path) -> tuple[threading.Thread, dict]:
-    from ppg.driver import train
-
-    config = load_config(None, [*RUN, f"run.output_dir={root}", f"run.name={name}"])
-    outcome: dict = {}
-    thread = threading.Thread(
-        target=lambda: outcome.update(run=train(config, run_dir=root / name)), daemon=True
-    )
-    thread.start()
-    return thread, outcome
-
-
-def test_a_killed_learner_worker_restarts_from_its_checkpoint_by_itself(run_with_a_killed_worker, tmp_path):
-    reference, _, _ = run_with_a_killed_worker
-    thread, outcome = _train_in_thread("learner-kill", tmp_path)
-    run = tmp_path / "learner-kill"
-    wait_for(lambda: (run / "checkpoints" / "iter_000001").is_dir() or not thread.is_alive(), 900, "iter 1")
-    learners = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "ray::RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
-    assert len(learners) == 1, learners  # the test cluster runs no dashboard: find it by its title
-    learners[0].kill()
-    in_iteration = not (run / "checkpoints" / "iter_000002").exists()
-    thread.join(timeout=900)
-    assert in_iteration, "the learner was killed after the last iteration had finished"
-    assert "run" in outcome, "train() did not finish: the learner did not recover"
-
-    a, b = read_metrics(reference), read_metrics(run)
-    assert [r["iteration"] for r in b] == [0, 1] and all(r["episodes"] == 8 for r in b)
-    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], "same batches"
-    wa = load_file(latest_checkpoint(reference) / "policy" / "model.safetensors")
-    wb = load_file(latest_checkpoint(run) / "policy" / "model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters as the run without a fault"

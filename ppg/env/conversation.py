@@ -53,7 +53,9 @@ def run_conversations(
     segment_ids = [problem.segment_ids(c.seed) for c in conversations]
     for t in range(problem.num_turns):
         requests = [
-            PartnerRequest(c.persona, problem.user_move(c.persona, t, c.seed), tuple(c.messages[1:]))
+            PartnerRequest(
+                c.persona, problem.user_move(c.persona, t, c.seed), tuple(c.messages[1:]), c.seed, t
+            )
             for c in conversations
         ]
         for c, text in zip(

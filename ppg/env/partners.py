@@ -20,6 +20,18 @@ class PartnerRequest:
     persona: Persona
     move: UserMove
     history: tuple[dict, ...]  # the conversation so far, without the agent's system prompt
+    seed: int = 0  # the conversation's seed
+    turn: int = 0
+
+
+def partner_sampling_seed(requests: list[PartnerRequest]) -> int:
+    """The seed of a batch of partner replies, from its conversations' seeds and turn: a sampling
+    partner answers the same batch the same way every time - a redone call (its actor restarted), a
+    resumed run - so training stays exactly reproducible (conversation i samples with seed + i)."""
+    h = 0
+    for r in requests:
+        h = (h * 1_000_003 + r.seed * 7919 + r.turn) % 2**31
+    return h
 
 
 class Partner(Protocol):
@@ -51,7 +63,10 @@ class LLMPartner:
 
     def reply(self, requests: list[PartnerRequest]) -> list[str]:
         return self.llm.chat(
-            [self.prompt(r) for r in requests], max_tokens=self.max_tokens, temperature=self.temperature
+            [self.prompt(r) for r in requests],
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=partner_sampling_seed(requests),
         )
 
     @staticmethod
