@@ -3,6 +3,7 @@ the transformers engine as the reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -159,6 +160,21 @@ def test_collect_returns_exactly_the_requested_episodes(pool):
             assert len(e.token_ids) == len(e.agent_mask) == len(e.token_turn) == len(e.logprobs)
             replies = [m["content"] for m in e.messages if m["role"] == "assistant"]
             assert len(replies) == 4
+
+
+@pytest.mark.slow
+def test_an_error_inside_a_rollout_fails_the_collect_and_keeps_the_worker(pool):
+    """A request the rollout code refuses (here: an unknown persona) is not a dead worker: it is
+    not redone, no worker is replaced, the error names the request, and the pool works on."""
+    from ppg.rollout.pool import RolloutError
+
+    good = plan_requests(load_personas(), 4, 4, 1, seed=3, first_request_id=70)
+    bad = dataclasses.replace(good[0], request_id=71, persona_ids=("no-such-persona",) * 4)
+    workers, replaced = set(pool.workers), pool.replaced
+    with pytest.raises(RolloutError, match=r"request 71 failed inside worker .*no-such-persona"):
+        pool.collect([bad])
+    assert set(pool.workers) == workers and pool.replaced == replaced
+    assert len(pool.collect(good)[0].episodes) == 4
 
 
 @pytest.mark.slow

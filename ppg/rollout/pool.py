@@ -17,7 +17,7 @@ from collections import deque
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from ppg.config import PPGConfig
 from ppg.env.personas import Persona
@@ -30,6 +30,10 @@ from ppg.weights import Weights, check_weights_fit, tensor_shapes
 log = logging.getLogger(__name__)
 
 
+class RolloutError(RuntimeError):
+    """A rollout request that failed inside a live worker: not a worker death, not retried."""
+
+
 class RolloutPool:
     def __init__(
         self,
@@ -39,7 +43,8 @@ class RolloutPool:
         name_prefix: str = "ppg-rollout",
     ) -> None:
         self.config, self.model_path, self.name_prefix = config, model_path, name_prefix
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        context = ray.get_runtime_context()  # the pool runs as an actor, or in the caller's process
+        if context.get_actor_id() is not None and context.was_current_actor_reconstructed:
             # Ray restarted this pool after its process died (run.max_failures): the old workers
             # died with it, but their names may still be held until Ray has noticed; use new ones.
             self.name_prefix = f"{name_prefix}-{os.getpid()}"
@@ -192,6 +197,15 @@ class RolloutPool:
                     self._busy.discard(name)
                     try:
                         result = ray.get(ref)
+                    except RayTaskError as e:
+                        # Raised by the rollout code itself (a bug, a bad request, an unavailable
+                        # judge): the worker is alive and redoing the request would fail the same way.
+                        # Ray can dress such an error as its cause's type (even an actor error), so
+                        # this test comes before the dead-worker one.
+                        raise RolloutError(
+                            f"rollout request {request.request_id} failed inside worker {name} (the "
+                            f"worker is alive and was kept): {e.cause!r}"
+                        ) from e
                     except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                         log.warning(
                             "rollout worker %s died (%s); replacing it and re-issuing request %d",
