@@ -12,6 +12,7 @@ with never goes back after a reload. Half the requests stream (SSE).
 
     python benchmarks/soak.py                  # 60 s, 32 clients, 2 reloads -> benchmarks/results/soak.{md,json}
     python benchmarks/soak.py --seconds 10     # quicker
+    python benchmarks/soak.py --replicas 2 --kill-replica-at 20   # a replica SIGKILLed mid-soak
 
 ``soak()`` is also what ``tests/test_reliability_serve.py`` runs for a few seconds on its own server.
 Traffic goes only to the loopback server this script starts; each client stops at the deadline.
@@ -92,9 +93,12 @@ def soak(
     clients: int = 32,
     reloads: int = 2,
     max_tokens: int = 12,
+    fault: Callable[[], str] | None = None,
+    fault_at: float | None = None,
 ) -> dict:
     """Run the soak; ``reload(k)`` switches the server to its k-th new version and returns how long
-    that took (s). Returns the figures (requests, failures, latencies, versions) as a dict."""
+    that took (s). ``fault()``, at ``fault_at`` seconds, breaks something (e.g. kills a replica) and
+    says what. Returns the figures (requests, failures, latencies, versions) as a dict."""
     start = time.perf_counter()
     deadline = start + seconds
     lock = threading.Lock()
@@ -102,6 +106,7 @@ def soak(
     failures: list[str] = []
     went_back: list[str] = []
     versions: dict[int, int] = {}
+    failed_at: list[float] = []  # seconds into the run
 
     def client_loop(i: int) -> None:
         last = -1
@@ -114,6 +119,7 @@ def soak(
                 except Exception as e:  # noqa: BLE001 - every failure is counted, none stops the run
                     with lock:
                         failures.append(f"client {i} request {j}: {type(e).__name__}: {e}"[:300])
+                        failed_at.append(time.perf_counter() - start)
                 else:
                     with lock:
                         latencies.append(time.perf_counter() - t0)
@@ -126,6 +132,14 @@ def soak(
     threads = [threading.Thread(target=client_loop, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
+    faults: list[str] = []
+    if fault is not None:
+
+        def inject() -> None:
+            time.sleep(max(0.0, start + (fault_at or seconds / 2) - time.perf_counter()))
+            faults.append(fault())
+
+        threading.Thread(target=inject, daemon=True).start()
     reload_seconds = []
     for k in range(1, reloads + 1):  # evenly spread: at 1/3 and 2/3 of the run for two reloads
         time.sleep(max(0.0, start + seconds * k / (reloads + 1) - time.perf_counter()))
@@ -147,7 +161,30 @@ def soak(
         "reload_s": reload_seconds,
         "requests_by_version": dict(sorted(versions.items())),
         "wall_s": round(wall, 1),
+        "faults": faults,
+        "fault_at_s": fault_at if fault is not None else None,
+        "failed_at_s": [round(t, 2) for t in sorted(failed_at)],
     }
+
+
+def kill_a_replica(app_name: str) -> Callable[[], str]:
+    """``fault()`` that SIGKILLs one serving replica of ``app_name`` (found by its process title):
+    what a crashed or OOM-killed replica does to the clients in flight, and how soon Serve heals."""
+    import psutil
+
+    def fault() -> str:
+        replicas = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if f"ServeReplica:{app_name}" in " ".join(p.info["cmdline"] or [])
+        ]
+        if not replicas:
+            return "no replica found to kill"
+        victim = replicas[0]
+        victim.kill()
+        return f"killed replica pid {victim.pid} ({len(replicas)} running)"
+
+    return fault
 
 
 def perturbed_weights(folder: str, seed: int) -> dict:
@@ -182,8 +219,8 @@ def markdown(result: dict, command: str, load: tuple[float, float]) -> str:
             f"`{command}`",
             "",
             f"{os.cpu_count()} CPUs (shared); 1-min load average {load[0]:.1f} before, {load[1]:.1f} after; "
-            f"one replica (1 CPU), embedded tiny model, max_tokens {r.get('max_tokens', 12)}, half the "
-            "requests streamed",
+            f"{r.get('replicas', 1)} replica(s) (1 CPU each), embedded tiny model, max_tokens "
+            f"{r.get('max_tokens', 12)}, half the requests streamed",
             "",
             "| clients | seconds | requests | failed | requests/s | p50 (ms) | p99 (ms) | max (ms) | reloads (s) |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -193,6 +230,16 @@ def markdown(result: dict, command: str, load: tuple[float, float]) -> str:
             f"Requests answered by each version: {versions}. Answers that went back to an older version "
             f"after a newer one: {len(r['went_back'])}.",
             "",
+            *(
+                [
+                    f"Fault at {r['fault_at_s']:g} s: {'; '.join(r['faults'])}. Failed requests at (s): "
+                    f"{', '.join(f'{t:g}' for t in r['failed_at_s'][:40]) or 'none'}; causes: "
+                    f"{'; '.join(sorted({f.split(': ', 1)[1][:120] for f in r['failures']})) or '-'}.",
+                    "",
+                ]
+                if r.get("faults")
+                else []
+            ),
         ]
     )
 
@@ -203,6 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--reloads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument(
+        "--kill-replica-at", type=float, metavar="S", help="SIGKILL one replica S seconds into the soak"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
@@ -229,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
             max_tokens_limit=max(16, args.max_tokens),
             max_model_len=256,
             api_key_file=str(key_file),
+            num_replicas=args.replicas,
         )
         connect()
         try:
@@ -241,16 +293,19 @@ def main(argv: list[str] | None = None) -> dict:
                 args.clients,
                 args.reloads,
                 args.max_tokens,
+                fault=kill_a_replica(settings.app_name) if args.kill_replica_at is not None else None,
+                fault_at=args.kill_replica_at,
             )
         finally:
             stop_server(settings.app_name)
             ray.shutdown()
-    result["max_tokens"] = args.max_tokens
+    result["max_tokens"], result["replicas"] = args.max_tokens, args.replicas
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python benchmarks/soak.py", *given])
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "soak.json", json.dumps(result, indent=2) + "\n")
-    atomic_write_text(args.out / "soak.md", markdown(result, command, (load_before, os.getloadavg()[0])))
+    name = "soak-replica-killed" if args.kill_replica_at is not None else "soak"
+    atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out / f"{name}.md", markdown(result, command, (load_before, os.getloadavg()[0])))
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}, indent=2))
     if result["failed"] or result["went_back"]:
         print("FAILURES:", *result["failures"], *result["went_back"], sep="\n  ")
