@@ -25,19 +25,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ppg.config import PPGConfig
 from ppg.files import fsync_dir, fsync_tree
 from ppg.weights import tensor_shapes
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 log = logging.getLogger(__name__)
@@ -55,7 +49,7 @@ def save_checkpoint(
     run_dir: Path,
     iteration: int,
     model: torch.nn.Module,
-    tokenizer_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | str | Path,
     trainer_state: dict,
     state: dict,
     config: PPGConfig,
@@ -65,11 +59,12 @@ def save_checkpoint(
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".iter_{iteration:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / POLICY, safe_serialization=True)
-    for name in TOKENIZER_FILES:
-        src = Path(tokenizer_dir) / name
-        if src.is_file():
-            shutil.copy2(src, tmp / POLICY / name)
+    model.save_pretrained(tmp / POLICY, safe_serialization=True)  # weights, config, generation_config
+    # The tokenizer as transformers writes it (not copied files): the same for a local folder of
+    # any layout and for a hub model, whose files are nowhere under a path ppg knows.
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    tokenizer.save_pretrained(tmp / POLICY)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     (tmp / STATE).write_text(json.dumps(state, indent=2))
     (tmp / CONFIG).write_text(config.to_yaml())
@@ -143,7 +138,8 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     policy = path / POLICY if (path / POLICY).is_dir() else path
-    needed = ["config.json", "tokenizer.json"] + (
+    tokenizer = "tokenizer.json" if (policy / "tokenizer.json").is_file() else "tokenizer_config.json"
+    needed = ["config.json", tokenizer] + (
         [f"../{TRAINER_STATE}", f"../{STATE}"] if require_trainer_state else []
     )
     missing = [n.removeprefix("../") for n in needed if not (policy / n).resolve().is_file()]
@@ -163,7 +159,7 @@ def validate_checkpoint(path: Path, require_trainer_state: bool = True) -> Path:
             f"checkpoint {path}: weights are corrupt ({e}); use another checkpoint"
         ) from None
     vocab_rows = next((v[0] for k, v in shapes.items() if k.endswith("embed_tokens.weight")), None)
-    tokenizer_size = _tokenizer_size(policy / "tokenizer.json")
+    tokenizer_size = _tokenizer_size(policy / "tokenizer.json") if tokenizer == "tokenizer.json" else 0
     if vocab_rows is not None and tokenizer_size > vocab_rows:
         raise CheckpointError(
             f"checkpoint {path}: tokenizer has {tokenizer_size} tokens but the model's embedding has {vocab_rows} "

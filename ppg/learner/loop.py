@@ -25,7 +25,7 @@ import ray.train.torch
 import torch
 from ray.train.collective import broadcast_from_rank_zero
 from torch import Tensor
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppg.config import PPGConfig
 from ppg.env.personas import load_personas, split_personas
@@ -270,6 +270,12 @@ def iteration_report(batch: Batch, stats: UpdateStats, version: int, acked: int,
     }
 
 
+@functools.cache
+def saved_tokenizer(name_or_path: str):
+    """The tokenizer every checkpoint carries, loaded once per learner process (a hub name or a folder)."""
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
 def save(config: PPGConfig, loop_config: dict, learner: PolicyLearner, model, iteration: int, version: int):
     trainer_state = {
         "optimizer": learner.optimizer.state_dict(),
@@ -279,7 +285,8 @@ def save(config: PPGConfig, loop_config: dict, learner: PolicyLearner, model, it
     }
     state = {"iteration": iteration + 1, "policy_version": version}
     run_dir = loop_config["run_dir"]
-    save_checkpoint(run_dir, iteration + 1, model, loop_config["tokenizer_dir"], trainer_state, state, config)
+    tokenizer = saved_tokenizer(loop_config["tokenizer_dir"])
+    save_checkpoint(run_dir, iteration + 1, model, tokenizer, trainer_state, state, config)
     prune_checkpoints(run_dir, config.run.keep_last)
 
 
