@@ -123,6 +123,17 @@ class LearnerConfig(Section):
     warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     loss_reduction: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    micro_batch_size: PositiveInt | None = Field(
+        default=None,
+        description="episodes per forward/backward; gradients accumulate over a rank's shard "
+        "(exactly the same update, less activation memory); unset = the whole shard at once",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32", description="bf16: forward under bf16 autocast (weights and optimizer stay fp32)"
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in the backward pass: memory for time"
+    )
     algorithm: Literal["pg", "ppo"] = Field(
         default="pg",
         description="pg: one partial policy gradient step per batch; ppo: the PPO baseline - the "

@@ -346,3 +346,33 @@ def test_ppo_baseline_first_epoch_is_the_policy_gradient_step(model_path, episod
     four, stats = after(LearnerConfig(lr=5e-2, algorithm="ppo", ppo_epochs=4, ppo_clip=0.1))
     assert not torch.allclose(four, pg) and 0 < stats.clip_fraction <= 1
     assert stats.lr == 5e-2  # one schedule step per batch, not per epoch
+
+
+@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
+def test_micro_batches_and_gradient_checkpointing_give_the_same_update(model_path, episodes, reduction):
+    """Gradient accumulation over micro-batches (3 + 3 + 2 episodes) and recomputed activations are
+    the same update as one forward over the batch, KL term included; bf16 autocast is close to it."""
+    advantages = global_advantages(episodes, Objective(policy_class=Greedy(), baseline=GroupMean()))
+    tokens = sum(sum(e.agent_mask) for e in episodes)
+
+    def grads(checkpointing: bool = False, **options):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        with torch.no_grad():  # a reference that differs, so the KL term has a gradient
+            for p in reference.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        config = LearnerConfig(lr=1e-3, grad_clip=1e9, loss_reduction=reduction, kl_coef=0.1, **options)
+        learner = PolicyLearner(model, Objective(), config, total_steps=1, reference=reference)
+        stats = learner.step(collate(episodes), advantages, len(episodes), tokens)
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]), stats
+
+    whole, stats = grads()
+    micro, micro_stats = grads(micro_batch_size=3)
+    torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-6)
+    assert micro_stats.loss == pytest.approx(stats.loss, rel=1e-5) and micro_stats.kl == pytest.approx(stats.kl)
+    torch.testing.assert_close(grads(checkpointing=True)[0], whole, rtol=1e-4, atol=1e-6)
+    bf16, _ = grads(precision="bf16")
+    assert torch.nn.functional.cosine_similarity(bf16, whole, dim=0) > 0.98

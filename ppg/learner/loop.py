@@ -212,6 +212,9 @@ def starting_checkpoint(loop_config: dict) -> str | None:
 def build_learner(config: PPGConfig, loop_config: dict, world: int, checkpoint: str | None) -> PolicyLearner:
     start = Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"]
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    if config.learner.gradient_checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     reference = None
     if config.learner.kl_coef > 0:
         reference = AutoModelForCausalLM.from_pretrained(loop_config["reference_path"], dtype=torch.float32)

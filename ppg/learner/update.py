@@ -7,6 +7,7 @@ loss is rescaled so that DDP's gradient averaging yields exactly the global-batc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -100,85 +101,117 @@ class PolicyLearner:
         ``learner.algorithm=ppo``: ``ppo_epochs`` clipped steps against the weights before the first."""
         self.model.train()
         lr = self.scheduler.get_last_lr()[0]
+        counts = (global_episodes, global_agent_tokens)
         if self.config.algorithm == "ppo":
             with torch.no_grad():
-                old = token_logprobs(self._logits(shard), shard.token_ids)
+                old = torch.cat([token_logprobs(self._logits(m), m.token_ids) for m, _ in self._micro(shard)])
             for _ in range(self.config.ppo_epochs):
-                stats = self._optimizer_step(
-                    shard, advantages, global_episodes, global_agent_tokens, version, old
-                )
+                stats = self._optimizer_step(shard, advantages, counts, version, old)
         else:
-            stats = self._optimizer_step(shard, advantages, global_episodes, global_agent_tokens, version)
+            stats = self._optimizer_step(shard, advantages, counts, version)
         self.scheduler.step()
         stats.lr = lr
         return stats
 
+    def _micro(self, shard: EpisodeBatch) -> list[tuple[EpisodeBatch, slice]]:
+        """The shard in micro-batches of ``learner.micro_batch_size`` episodes (one when unset):
+        memory for one micro-batch's activations, gradients accumulated over all of them."""
+        size = self.config.micro_batch_size or shard.token_ids.shape[0]
+        rows = [slice(i, i + size) for i in range(0, shard.token_ids.shape[0], size)]
+        return [(select_rows(shard, r), r) for r in rows]
+
     def _logits(self, shard: EpisodeBatch, model: torch.nn.Module | None = None) -> Tensor:
         attention = shard.attention_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)
-        return (model or self.model)(
-            input_ids=shard.token_ids, attention_mask=attention, position_ids=positions
-        ).logits
+        device = "cuda" if self.config.use_gpu else "cpu"
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+            return (model or self.model)(
+                input_ids=shard.token_ids, attention_mask=attention, position_ids=positions
+            ).logits
 
     def _optimizer_step(
         self,
         shard: EpisodeBatch,
         advantages: Tensor,
-        global_episodes: int,
-        global_agent_tokens: int,
+        counts: tuple[int, int],
         version: int | None,
         old_logprobs: Tensor | None = None,
     ) -> UpdateStats:
-        """One forward, backward and optimizer step: the policy gradient, or PPO's clipped
-        objective when ``old_logprobs`` are given."""
-        ids = shard.token_ids
-        logprobs = token_logprobs(self._logits(shard), ids)  # [B, L]
-        agent = shard.agent_mask & shard.attention_mask
-
-        weights = None
-        if self.config.off_policy == "importance" and shard.behaviour_logprobs is not None:
-            # Truncated per-token importance weights pi_now / pi_behaviour for stale episodes.
-            ratio = torch.exp((logprobs.detach() - shard.behaviour_logprobs).clamp(max=20.0))
-            stale = agent if version is None else agent & (shard.policy_versions < version)[:, None]
-            weights = torch.where(stale, ratio.clamp(max=self.config.importance_clip), torch.ones_like(ratio))
-
-        # The losses normalise by this shard; rescale to the global normaliser, times the world size
-        # that DDP's all-reduce averages over.
+        """One optimizer step: forward and backward per micro-batch (gradients accumulate), then
+        clip and step. The policy gradient, or PPO's clipped objective when ``old_logprobs`` are
+        given. Each micro-batch's loss is scaled to the global normaliser (episodes or agent tokens
+        of the whole batch, all ranks), times the world size that DDP's all-reduce averages over,
+        so any split - ranks, micro-batches - yields the gradient of the global batch."""
+        global_episodes, global_agent_tokens = counts
         reduction = self.config.loss_reduction
-        local = ids.shape[0] if reduction == "sequence_mean" else int(agent.sum())
-        glob = global_episodes if reduction == "sequence_mean" else global_agent_tokens
-        scale = self.world_size * local / max(1, glob)
-        clipped = torch.zeros(())
-        if old_logprobs is not None:
-            pg_loss, clipped = clipped_surrogate_loss(
-                logprobs, old_logprobs, agent, shard.token_turn, advantages, self.config.ppo_clip, reduction
-            )
-        else:
-            pg_loss = policy_gradient_loss(
-                logprobs, agent, shard.token_turn, advantages, reduction, token_weights=weights
-            )
-        pg_loss = pg_loss * scale
-
-        kl = torch.zeros(())
-        if self.reference is not None and self.config.kl_coef > 0:
-            with torch.no_grad():
-                ref_logits = self._logits(shard, self.reference)
-            kl_loss, kl = kl_penalty(logprobs, token_logprobs(ref_logits, ids), agent)
-            loss = pg_loss + self.config.kl_coef * kl_loss * scale
-        else:
-            loss = pg_loss
-
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "weight": 0.0, "clipped": 0.0, "tokens": 0}
+        for micro, rows in self._micro(shard):
+            logprobs = token_logprobs(self._logits(micro), micro.token_ids)  # [b, L], float32
+            agent = micro.agent_mask & micro.attention_mask
+            tokens = int(agent.sum())
+
+            weights = None
+            if self.config.off_policy == "importance" and micro.behaviour_logprobs is not None:
+                # Truncated per-token importance weights pi_now / pi_behaviour for stale episodes.
+                ratio = torch.exp((logprobs.detach() - micro.behaviour_logprobs).clamp(max=20.0))
+                stale = agent if version is None else agent & (micro.policy_versions < version)[:, None]
+                clip = self.config.importance_clip
+                weights = torch.where(stale, ratio.clamp(max=clip), torch.ones_like(ratio))
+
+            local = micro.token_ids.shape[0] if reduction == "sequence_mean" else tokens
+            glob = global_episodes if reduction == "sequence_mean" else global_agent_tokens
+            scale = self.world_size * local / max(1, glob)
+            clipped = torch.zeros(())
+            if old_logprobs is not None:
+                pg_loss, clipped = clipped_surrogate_loss(
+                    logprobs, old_logprobs[rows], agent, micro.token_turn, advantages[rows],
+                    self.config.ppo_clip, reduction,
+                )  # fmt: skip
+            else:
+                pg_loss = policy_gradient_loss(
+                    logprobs, agent, micro.token_turn, advantages[rows], reduction, token_weights=weights
+                )
+            loss = pg_loss * scale
+            kl = torch.zeros(())
+            if self.reference is not None and self.config.kl_coef > 0:
+                with torch.no_grad():
+                    ref = token_logprobs(self._logits(micro, self.reference), micro.token_ids)
+                kl_loss, kl = kl_penalty(logprobs, ref, agent)  # means over this micro-batch's tokens
+                loss = loss + self.config.kl_coef * kl_loss * self.world_size * tokens / max(
+                    1, global_agent_tokens
+                )
+            loss.backward()
+
+            total["loss"] += float(loss.detach())
+            total["pg_loss"] += float(pg_loss.detach()) * scale
+            total["kl"] += float(kl) * tokens
+            total["weight"] += float(weights[agent].sum()) if weights is not None else tokens
+            total["clipped"] += float(clipped) * tokens
+            total["tokens"] += tokens
+
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
+        n = max(1, total["tokens"])
         return UpdateStats(
-            loss=float(loss.detach()),
-            pg_loss=float(pg_loss.detach()),
-            kl=float(kl.detach()),
+            loss=total["loss"],
+            pg_loss=total["pg_loss"],
+            kl=total["kl"] / n,
             grad_norm=float(grad_norm),
             lr=0.0,
-            importance_weight=float(weights[agent].mean()) if weights is not None and agent.any() else 1.0,
-            agent_tokens=int(agent.sum()),
-            clip_fraction=float(clipped),
+            importance_weight=total["weight"] / n,
+            agent_tokens=total["tokens"],
+            clip_fraction=total["clipped"] / n,
         )
+
+
+def select_rows(batch: EpisodeBatch, rows: slice) -> EpisodeBatch:
+    """The episodes ``rows`` of a padded batch, every tensor alike."""
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: getattr(batch, f.name)[rows]
+            for f in dataclasses.fields(batch)
+            if getattr(batch, f.name) is not None
+        },
+    )
