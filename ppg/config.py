@@ -111,6 +111,12 @@ class RolloutConfig(Section):
 class LearnerConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="Ray Train (DDP) workers")
     use_gpu: bool = False
+    gpus_per_worker: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="GPU share per learner worker with use_gpu (0.5: share a GPU with rollout)",
+    )
     cpus_per_worker: float = Field(default=1.0, gt=0)
     resources: dict[str, float] = Field(
         default_factory=dict,

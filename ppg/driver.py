@@ -157,6 +157,19 @@ def start_pool(config: PPGConfig, policy_path: str):
     return actor
 
 
+def learner_scaling(config: PPGConfig) -> ScalingConfig:
+    """The learner's Ray Train workers. A GPU share below 1 (``learner.gpus_per_worker``) lets one
+    GPU hold the learner and a rollout worker (``rollout.gpus_per_worker``; vLLM then takes only
+    ``rollout.engine.gpu_memory_utilization`` of its memory)."""
+    learner = config.learner
+    resources = {"CPU": learner.cpus_per_worker, **learner.resources}
+    if learner.use_gpu:
+        resources["GPU"] = learner.gpus_per_worker
+    return ScalingConfig(
+        num_workers=learner.num_workers, use_gpu=learner.use_gpu, resources_per_worker=resources
+    )
+
+
 def fit(
     config: PPGConfig, run_dir: Path, policy_path: str, reference_path: str, resume_from: Path | None
 ) -> None:
@@ -175,11 +188,7 @@ def fit(
             "resume_from": str(resume_from) if resume_from else None,
             "attempt_token": uuid.uuid4().hex,  # tells a restarted learner from the first one
         },
-        scaling_config=ScalingConfig(
-            num_workers=learner.num_workers,
-            use_gpu=learner.use_gpu,
-            resources_per_worker={"CPU": learner.cpus_per_worker, **learner.resources},
-        ),
+        scaling_config=learner_scaling(config),
         torch_config=TorchConfig(backend="nccl" if learner.use_gpu else "gloo"),
         run_config=RunConfig(
             name="learner",

@@ -218,3 +218,14 @@ def test_ppg_help_shows_an_example():
     result = run_ppg("config", "show", "--help")
     assert result.returncode == 0
     assert "ppg config show --config" in result.stdout
+
+
+def test_one_gpu_can_hold_the_learner_and_a_rollout_worker():
+    from ppg.driver import learner_scaling
+
+    config = load_config(
+        None, ["learner.use_gpu=true", "learner.gpus_per_worker=0.5", "rollout.gpus_per_worker=0.5"]
+    )
+    scaling = learner_scaling(config)
+    assert scaling.use_gpu and scaling.resources_per_worker["GPU"] == 0.5
+    assert "GPU" not in learner_scaling(load_config()).resources_per_worker  # CPU learner asks for none

@@ -372,7 +372,9 @@ def test_micro_batches_and_gradient_checkpointing_give_the_same_update(model_pat
     whole, stats = grads()
     micro, micro_stats = grads(micro_batch_size=3)
     torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-6)
-    assert micro_stats.loss == pytest.approx(stats.loss, rel=1e-5) and micro_stats.kl == pytest.approx(stats.kl)
+    assert micro_stats.loss == pytest.approx(stats.loss, rel=1e-5) and micro_stats.kl == pytest.approx(
+        stats.kl
+    )
     torch.testing.assert_close(grads(checkpointing=True)[0], whole, rtol=1e-4, atol=1e-6)
     bf16, _ = grads(precision="bf16")
     assert torch.nn.functional.cosine_similarity(bf16, whole, dim=0) > 0.98
