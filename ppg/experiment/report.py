@@ -185,6 +185,10 @@ def fmt(x: float, digits: int = 3) -> str:
     return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
 
+def fmt_g(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:.3g}"
+
+
 def signed(mean: float, half: float, p: float | None = None) -> str:
     if math.isnan(mean):
         return "-"
@@ -210,8 +214,8 @@ def markdown(rows: list[dict], selector: list[dict]) -> str:
         lines.append(
             f"| {r['problem']} | {name} | {fmt(r['heldout_reward'])} ± {fmt(r['heldout_ci95'])} (n={r['seeds']}) | "
             f"{versus} | {fmt(r['final_reward'])} ± {fmt(r['ci95'])} | {fmt(r['episodes_to_target'], 0)} | "
-            f"{r['reached_target']} | {fmt(r['grad_expected_cosine'])} | {r['grad_variance']:.3g} | "
-            f"{r['grad_bias_sq']:.3g} |"
+            f"{r['reached_target']} | {fmt(r['grad_expected_cosine'])} | {fmt_g(r['grad_variance'])} | "
+            f"{fmt_g(r['grad_bias_sq'])} |"
         )
     if selector:
         lines += [
