@@ -108,7 +108,7 @@ def collect(
     collect_requests(config, episodes, config.run.seed)  # and so does a bad --episodes
     initial = resolve_model(config.model.name_or_path)
     weights = str(policy) if policy is not None else initial
-    connect()
+    connect(dashboard=config.run.dashboard)
     chat_llm = start_workers_chat_llm(config)  # an LLM partner/judge, when the problem has one
     pool = RolloutPool(config, weights, name_prefix="ppg-collect")
     try:

@@ -7,6 +7,7 @@ Variants (policy class, baseline) are picked with ``type:`` and validated as dis
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -203,6 +204,15 @@ class ServeConfig(Section):
     api_key_file: str | None = Field(default=None, description="file holding the bearer token")
 
 
+Logger = Literal["tensorboard", "wandb", "mlflow"]
+# run.loggers: the module each logger imports, and how to get it when it is missing.
+LOGGER_MODULES: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboardX", "pip install tensorboardX (a dependency of ppg)"),
+    "wandb": ("wandb", "pip install 'ppg[wandb]'"),
+    "mlflow": ("mlflow", "pip install 'ppg[mlflow]'"),
+}
+
+
 class RunConfig(Section):
     name: str = Field(default="default", min_length=1)
     output_dir: Path = Path("runs")
@@ -238,6 +248,18 @@ class RunConfig(Section):
         ge=0,
         description="at the end of ppg train: held-out episodes for the final vs initial policy "
         "(paired, into eval/); 0 = skip",
+    )
+    loggers: list[Logger] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where the learner's metrics and sample dialogues go besides metrics.jsonl and "
+        "samples/: tensorboard (<run_dir>/tensorboard), wandb (pip install 'ppg[wandb]'; "
+        "WANDB_MODE=offline writes <run_dir>/wandb), mlflow (pip install 'ppg[mlflow]'; "
+        "MLFLOW_TRACKING_URI, else <run_dir>/mlflow.db); [] = only the files",
+    )
+    dashboard: bool = Field(
+        default=False,
+        description="start the Ray dashboard on 127.0.0.1 with a local cluster (its URL is printed); "
+        "a cluster joined through RAY_ADDRESS keeps its own",
     )
 
 
@@ -286,9 +308,24 @@ def check_trainable(config: PPGConfig) -> PPGConfig:
             "learner.algorithm=ppo takes its ratio against the learner's own weights before the "
             "batch's first step, so its episodes must be on-policy: set run.async_rollouts=false"
         )
+    problems += missing_loggers(config.run.loggers)
     if problems:
         raise ConfigError("config cannot train:\n  " + "\n  ".join(problems))
     return config
+
+
+def missing_loggers(loggers: list[str]) -> list[str]:
+    """One line per chosen logger whose package is not installed here: found before any process
+    starts, not as an ImportError in the learner after the rollout engines came up."""
+    out = []
+    for name in dict.fromkeys(loggers):
+        module, install = LOGGER_MODULES[name]
+        if importlib.util.find_spec(module) is None:
+            out.append(
+                f"run.loggers: {name} needs the {module} package, which is not installed: "
+                f"{install}, or drop {name} from run.loggers"
+            )
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PPGConfig:

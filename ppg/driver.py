@@ -85,7 +85,7 @@ def train(
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
-    connect()
+    connect(dashboard=config.run.dashboard)
     version = 0
     if resume_from is not None:  # the workers serve the checkpoint's weights, as its version
         version = load_state(resume_from)[0]["policy_version"]

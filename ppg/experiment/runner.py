@@ -230,7 +230,7 @@ def run_suite(suite: Suite, out: Path) -> Path:
         if suite.selector:
             steps += [("selector", (problem, seed)) for seed in suite.seeds]
     progress = GridProgress(len(steps))
-    connect()
+    connect(dashboard=first.run.dashboard)
     pool = start_pool(first, policy_path)
     try:
         for kind, key in steps:

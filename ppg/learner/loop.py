@@ -309,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     version, first, last = state["policy_version"], state["iteration"], config.run.iterations
     if rank == 0:
         collector = (OfflineCollector if config.run.offline_data else BatchCollector)(config)
-        metrics = MetricsWriter(loop_config["run_dir"])
+        metrics = MetricsWriter(loop_config["run_dir"], config.run.loggers, loop_config["config"])
         collector.start_at(version, Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"])
     start = time.perf_counter()
 

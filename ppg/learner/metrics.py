@@ -1,52 +1,51 @@
-"""Run outputs: metrics as JSONL (one line per iteration), TensorBoard events, sample conversations of
-the training batch (``samples/iter_N.md``, also as TensorBoard text), and the reward plot."""
+"""Run outputs: metrics as JSONL (one line per iteration), sample conversations of the training batch
+(``samples/iter_N.md``), the same two through each of ``run.loggers`` (TensorBoard by default, W&B,
+MLflow: ``ppg/learner/loggers.py``), and the reward plot. The JSONL and the Markdown files are the
+record; the loggers are views of it."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ppg.files import atomic_save_figure, atomic_write_text
+from ppg.learner.loggers import open_sinks
 
 SAMPLES = "samples"
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(
+        self, run_dir: Path, loggers: Sequence[str] = ("tensorboard",), config: dict | None = None
+    ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except ImportError:  # TensorBoard events are optional; the JSONL is the record
-            self.tb = None
+        self.sinks = open_sinks(Path(run_dir), list(loggers), config or {})
 
     def write(self, iteration: int, metrics: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"iteration": iteration, **metrics}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(key, value, iteration)
-            self.tb.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for sink in self.sinks:
+            sink.scalars(iteration, scalars)
 
     def write_samples(self, iteration: int, episodes: list, count: int = 3) -> Path:
         """``count`` conversations of an iteration's batch (one per group, the first groups) with their
-        per-turn rewards: ``samples/iter_<iteration+1>.md`` and TensorBoard text ``samples``."""
+        per-turn rewards: ``samples/iter_<iteration+1>.md`` and, as text, to every logger
+        (TensorBoard's Text tab, a W&B HTML panel, an MLflow artifact ``samples/iter_N.md``)."""
         text = samples_markdown(iteration, episodes, count)
         path = atomic_write_text(self.path.parent / SAMPLES / f"iter_{iteration + 1:06d}.md", text)
-        if self.tb is not None:
-            self.tb.add_text("samples", text, iteration)
-            self.tb.flush()
+        for sink in self.sinks:
+            sink.text(iteration, SAMPLES, text)
         return path
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def md_cell(text: str) -> str:
