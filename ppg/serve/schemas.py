@@ -52,7 +52,7 @@ def _content(v: object) -> object:
     for i, part in enumerate(v):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
-            what = f"a {kind!r} part" if isinstance(kind, str) else "not a content part"
+            what = f"a part of type {kind!r}" if isinstance(kind, str) else "not a content part"
             raise ValueError(
                 f"content[{i}] is {what}; this server takes only text parts {{'type': 'text', 'text': ...}}"
             )
