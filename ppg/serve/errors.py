@@ -86,10 +86,18 @@ async def _validation_error(request: Request, exc: RequestValidationError):
             None,
             "invalid_body",
         )
+    if first.get("type") == "extra_forbidden":  # a field we would otherwise drop: say so instead
+        return error_response(
+            400,
+            f"{param}: not supported by this server (see the README's list of supported fields)",
+            "invalid_request_error",
+            param,
+            "unsupported_parameter",
+        )
     message = str(first.get("msg")).removeprefix("Value error, ")
     message = f"{param}: {message}" if param else message
     if first.get("type") == "literal_error" and param and param.endswith(".role"):
-        message += " (roles: system, user, assistant; give a persona as the system message)"
+        message += " (roles: system, developer, user, assistant; give a persona as the system message)"
     return error_response(400, message, "invalid_request_error", param, first.get("type"))
 
 
