@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
   ppg experiment --suite experiments/paper.yaml      # classes x problems x seeds; resumable
   ppg problems
+  PYTHONPATH=examples/plugins ppg train problem.name=my_problem:OneTopic problem.judge=my_problem:KeywordJudge
   ppg model build                      # build (once) and print the embedded tiny model's folder
 """
 
@@ -113,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.set_defaults(handler=cmd_experiment)
 
     problems = commands.add_parser(
-        "problems", help="list the registered problems and which policy class should win"
+        "problems",
+        help="list the registered problems and which policy class should win (and how to plug in your own)",
     )
     problems.set_defaults(handler=cmd_problems)
     return parser
@@ -217,6 +219,11 @@ def cmd_problems(args: argparse.Namespace) -> int:
             boundaries = f", segments of {min(lengths)}-{max(lengths)} turns drawn per conversation"
         print(f"{name}  [{cls.family}; {cls.default_turns} turns{boundaries}; judged on {cls.aspect}]")
         print(f"  best: {cls.best_class}. {cls.why}.\n")
+    print(
+        "your own: problem.name=pkg.module:Class (a ppg.env.problems.Problem subclass), "
+        "problem.judge=pkg.module:name, problem.partner=pkg.module:name, with the module on the "
+        "Python path (README: plug-ins; examples/plugins)"
+    )
     return 0
 
 

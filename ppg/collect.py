@@ -24,8 +24,8 @@ import ray
 
 from ppg.config import PPGConfig, load_config
 from ppg.driver import start_workers_chat_llm
+from ppg.env.factory import check_environment
 from ppg.env.personas import load_personas, split_personas
-from ppg.env.problems import make_problem
 from ppg.episode import Episode
 from ppg.evaluate import call_pool
 from ppg.learner.checkpoint import CONFIG, STATE, validate_checkpoint
@@ -104,7 +104,7 @@ def collect(
         state = checkpoint / STATE
         version = json.loads(state.read_text())["policy_version"] if state.is_file() else 1
     config = load_config(base, overrides)
-    make_problem(config.problem)  # an unknown problem fails before any engine starts
+    check_environment(config)  # an unknown problem or a bad plug-in fails before any engine starts
     collect_requests(config, episodes, config.run.seed)  # and so does a bad --episodes
     initial = resolve_model(config.model.name_or_path)
     weights = str(policy) if policy is not None else initial

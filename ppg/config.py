@@ -8,15 +8,33 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from ppg.objectives import Baseline, Greedy, GroupMean, Objective, PolicyClass
 
 EMBEDDED_MODEL = "embedded:tiny"
+BUILTIN_JUDGES = ("rule", "embedding", "llm")
+BUILTIN_PARTNERS = ("scripted", "llm")
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def is_import_path(name: str) -> bool:
+    """A plug-in is named ``pkg.module:attr``; no built-in name has a ':' (ppg/env/plugins.py)."""
+    return ":" in name
 
 
 class Section(BaseModel):
@@ -38,9 +56,16 @@ class ModelConfig(Section):
 
 
 class ProblemConfig(Section):
-    """Which persona-alignment problem to train on (the problem registry arrives with ppg.env)."""
+    """Which persona-alignment problem to train on, who plays the user and who judges. Each of
+    ``name``, ``judge`` and ``partner`` is a built-in name or a plug-in's import path
+    ``pkg.module:attr``; only the syntax is checked here (this module imports nothing of ppg.env),
+    the import and the interface by ``ppg.env.factory.check_environment`` before a run starts."""
 
-    name: str = Field(default="myopic", min_length=1, description="a registered problem (ppg.env.problems)")
+    name: str = Field(
+        default="myopic",
+        min_length=1,
+        description="a registered problem (ppg problems) or pkg.module:Class, a ppg.env.problems.Problem subclass",
+    )
     num_turns: PositiveInt | None = Field(
         default=None, description="agent turns per conversation; None = the problem's own"
     )
@@ -51,15 +76,39 @@ class ProblemConfig(Section):
     personas_file: Path | None = Field(
         default=None, description="JSONL/YAML persona file; None = shipped set"
     )
-    judge: Literal["rule", "embedding", "llm"] = Field(default="rule", description="who scores each turn")
-    partner: Literal["scripted", "llm"] = Field(default="scripted", description="who plays the other side")
+    judge: str = Field(
+        default="rule",
+        description="who scores each turn: rule, embedding, llm, or pkg.module:name (a judge class or factory)",
+    )
+    partner: str = Field(
+        default="scripted",
+        description="who plays the other side: scripted, llm, or pkg.module:name (a partner class or factory)",
+    )
     partner_model: str | None = Field(
         default=None, description="HF model for partner/judge 'llm'; None = model.name_or_path"
     )
 
+    @field_validator("name", "judge", "partner")
+    @classmethod
+    def _builtin_or_import_path(cls, value: str, info: ValidationInfo) -> str:
+        builtins = {"judge": BUILTIN_JUDGES, "partner": BUILTIN_PARTNERS}.get(info.field_name or "")
+        if is_import_path(value):
+            if not _IMPORT_PATH.fullmatch(value):
+                raise ValueError(
+                    f"{value!r} is not an import path: write pkg.module:Name (a dotted module, ':', "
+                    "the class or function in it)"
+                )
+        elif builtins is not None and value not in builtins:
+            raise ValueError(
+                f"unknown {info.field_name} {value!r}: use {', '.join(builtins)}, or your own as "
+                "pkg.module:name (README: plug-ins)"
+            )
+        return value
+
     @property
     def uses_llm(self) -> bool:
-        """The partner or the judge is an LLM: a shared vLLM chat actor must run for the workers."""
+        """The partner or the judge is the built-in LLM one: a shared vLLM chat actor must run for the
+        workers. A plug-in never is: it is built without arguments, so it cannot be handed the actor."""
         return "llm" in (self.partner, self.judge)
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ppg.config import PPGConfig, check_trainable, load_config
+from ppg.env.factory import check_environment
 from ppg.env.llm import start_chat_llm_actor
 from ppg.evaluate import final_evaluation
 from ppg.files import atomic_write_text
@@ -64,12 +65,14 @@ def train(
     if resume is not None:
         run_dir = Path(resume).resolve()
         config = check_offline_data(check_trainable(load_config(run_dir / "config.yaml", overrides)))
+        check_environment(config)  # problem, judge, partner (plug-ins imported here) before anything starts
         resume_from = latest_checkpoint(run_dir)
         policy_path = str(validate_checkpoint(resume_from))
     else:
         assert config is not None
         # run.offline_data: checked before the run folder exists, and absolute from here on
         config = check_offline_data(check_trainable(config))
+        check_environment(config)  # problem, judge, partner (plug-ins imported here) before anything starts
         run_dir = Path(run_dir).resolve() if run_dir else new_run_dir(config)
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None

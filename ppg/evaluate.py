@@ -32,6 +32,7 @@ import ray
 from ppg.config import PPGConfig, load_config
 from ppg.env.behaviour import behaviour_rates, describe
 from ppg.env.conversation import Conversation
+from ppg.env.factory import check_environment
 from ppg.env.personas import load_personas, split_personas
 from ppg.env.problems import make_problem
 from ppg.files import atomic_write_text
@@ -226,7 +227,7 @@ def evaluate(
     names = problem_names(problem) or [load_config(base, extra).problem.name]
     configs = [load_config(base, extra + [f"problem.name={n}"]) for n in names]
     for c in configs:
-        make_problem(c.problem)  # an unknown problem fails before any engine starts
+        check_environment(c)  # an unknown problem or a bad plug-in fails before any engine starts
     initial = resolve_model(configs[0].model.name_or_path)
     state = checkpoint / STATE
     version = json.loads(state.read_text())["policy_version"] if state.is_file() else 1

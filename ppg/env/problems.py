@@ -4,7 +4,11 @@ A problem says what the user does each turn (``UserMove``), what the agent is to
 which judge aspect scores a reply, and which replies can earn reward at all (``gate``). The reward
 structure decides which policy class should win; each problem documents why (``best_class``, ``why``).
 
-Register a new problem with a few lines::
+A problem of your own needs no registration: ``problem.name=pkg.module:Class`` names a ``Problem``
+subclass by import path, and every process imports it itself (``ppg.env.plugins``). It must set
+``aspect`` ("alignment" or "consistency": what the judge scores) and define ``user_move``; it may
+override ``system_prompt``, ``gate``, ``boundaries``, ``default_turns``, ``default_boundaries``, and
+set ``family``, ``best_class``, ``why`` for people reading it. Inside the package, register it::
 
     @register_problem
     class SmallTalk(Problem):
@@ -17,13 +21,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, get_args
 
-from ppg.config import ProblemConfig
+from ppg.config import ProblemConfig, is_import_path
 from ppg.env import dialogue
 from ppg.env.dialogue import Acts
 from ppg.env.judges import Aspect
 from ppg.env.personas import Persona
+from ppg.env.plugins import PluginError, import_object
 from ppg.env.vocabulary import CATEGORIES
 
 
@@ -58,12 +63,39 @@ def register_problem(cls: type[Problem]) -> type[Problem]:
     return cls
 
 
-def make_problem(config: ProblemConfig) -> Problem:
-    if config.name not in PROBLEMS:
-        raise ProblemError(
-            f"problem.name: unknown problem {config.name!r}; known problems: {sorted(PROBLEMS)}"
+def problem_class(name: str) -> type[Problem]:
+    """The class ``problem.name`` names: a registered problem, or a plug-in ``pkg.module:Class``
+    imported here (in whichever process asks) and checked to be a usable ``Problem``."""
+    if not is_import_path(name):
+        if name not in PROBLEMS:
+            raise ProblemError(
+                f"problem.name: unknown problem {name!r}; known problems: {sorted(PROBLEMS)}, "
+                "or your own as pkg.module:Class"
+            )
+        return PROBLEMS[name]
+    cls = import_object("problem.name", name)
+    if not (isinstance(cls, type) and issubclass(cls, Problem)):
+        what = f"class {cls.__name__}" if isinstance(cls, type) else f"a {type(cls).__name__}"
+        raise PluginError(
+            f"problem.name={name}: {what} is not a subclass of ppg.env.problems.Problem; "
+            "name a class that derives from it (see its docstring)"
         )
-    return PROBLEMS[config.name](config)
+    aspects = get_args(Aspect)
+    if getattr(cls, "aspect", None) not in aspects:
+        raise PluginError(
+            f"problem.name={name}: {cls.__name__}.aspect is {getattr(cls, 'aspect', None)!r}; set it to "
+            f"one of {list(aspects)} (what the judge scores a reply on)"
+        )
+    if cls.user_move is Problem.user_move:
+        raise PluginError(
+            f"problem.name={name}: {cls.__name__} does not define user_move(persona, t, seed) -> UserMove, "
+            "what the user does at each turn"
+        )
+    return cls
+
+
+def make_problem(config: ProblemConfig) -> Problem:
+    return problem_class(config.name)(config)
 
 
 class Problem:

@@ -17,6 +17,7 @@
     problems:                          # name -> target reward (+ optional overrides for that problem)
       myopic: {target_reward: 0.12, methods: [full, greedy, k2]}
       segmented: {target_gain: 0.05, overrides: {problem.num_turns: 6}}
+      "my_problem:OneTopic": {target_reward: 0.5}   # a plug-in by import path (README: plug-ins)
     seeds: [0, 1, 2, 3, 4]
     eval_episodes: 64                  # held-out conversations per run (the score of a run)
     selector: {pilot_episodes: 64}     # the automatic class selector (omit to skip)
@@ -43,7 +44,9 @@ from pydantic import (
     model_validator,
 )
 
-from ppg.config import ConfigError, PPGConfig, check_trainable, load_config, parse_yaml
+from ppg.config import PPGConfig, check_trainable, load_config, parse_yaml
+from ppg.env.factory import check_environment
+from ppg.env.problems import problem_class
 from ppg.objectives import PolicyClass
 
 
@@ -133,11 +136,11 @@ class Suite(_Strict):
 
     @model_validator(mode="after")
     def _known_methods(self) -> Suite:
-        from ppg.env.problems import PROBLEMS
-
         for name, entry in self.problems.items():
-            if name not in PROBLEMS:
-                raise ValueError(f"problems.{name}: unknown problem; registered: {sorted(PROBLEMS)}")
+            try:  # a registered name or a plug-in's import path (imported here)
+                problem_class(name)
+            except ValueError as e:
+                raise ValueError(f"problems.{name}: {e}") from None
             unknown = set(entry.methods or []) - set(self.methods)
             if unknown:
                 raise ValueError(f"problems.{name}.methods names unknown methods {sorted(unknown)}")
@@ -219,8 +222,8 @@ def load_suite(path: str | Path) -> Suite:
     for problem in suite.problems:  # every cell must be a valid run before anything starts
         for label in suite.methods_for(problem):
             try:
-                check_trainable(suite.config(problem, label, suite.seeds[0]))
-            except ConfigError as e:
+                check_environment(check_trainable(suite.config(problem, label, suite.seeds[0])))
+            except ValueError as e:  # ConfigError, ProblemError, PluginError: each names its field
                 raise SuiteError(f"{path}: problem {problem!r} x method {label!r}: {e}") from None
     return suite
 

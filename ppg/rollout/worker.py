@@ -118,7 +118,7 @@ class RolloutWorker:
         )
         episodes = [
             Episode(
-                self.env.problem.name,
+                self.config.problem.name,  # as configured: a plug-in's import path too
                 c.persona.id,
                 g,
                 version,
