@@ -200,6 +200,27 @@ def test_a_dead_worker_is_replaced_and_its_request_redone_once(pool):
 
 
 @pytest.mark.slow
+def test_a_worker_dead_before_a_weight_push_or_reconfigure_is_replaced_not_fatal(pool):
+    """A restarting learner's first call (reconfigure) can race the death of a worker: the chaos
+    test lost its run to exactly that. The dead worker is dropped and its replacement starts on
+    the pushed weights."""
+    import ray
+
+    for push in (
+        lambda: pool.update_weights(7, load_state_dict(pool.model_path)),
+        lambda: pool.reconfigure(pool.config, 8, load_state_dict(pool.model_path), keep_size=True),
+    ):
+        victim = next(iter(pool.workers))
+        ray.kill(pool.workers[victim])
+        replaced_before = pool.replaced
+        acks = push()
+        assert victim not in acks and victim not in pool.workers
+        assert pool.replaced == replaced_before + 1
+        pool.resize(2)  # waits for the replacement
+        assert len(pool.workers) == 2 and set(pool.versions().values()) == {pool.policy_version}
+
+
+@pytest.mark.slow
 def test_resize_up_gives_new_workers_the_current_weights_and_down_stops_them(pool):
     pool.update_weights(5, load_state_dict(pool.model_path))
     pool.resize(3)

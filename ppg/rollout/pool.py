@@ -140,9 +140,9 @@ class RolloutPool:
         ref = shareable_weights(weights)
         with self._lock:
             self._weights, self.policy_version = ref, version
-            names = list(self.workers)
-            acks = ray.get([self.workers[n].update_weights.remote(version, ref) for n in names])
-        return dict(zip(names, acks, strict=True))
+            acks = self._call_every_worker("update_weights", version, ref)
+        self._reconcile(wait=False)
+        return acks
 
     def reconfigure(
         self, config: PPGConfig, version: int, weights: Weights, keep_size: bool = False
@@ -155,18 +155,35 @@ class RolloutPool:
         ref = shareable_weights(weights)
         with self._lock:
             self.config, self._weights, self.policy_version = config, ref, version
-            names = list(self.workers)
             payload = config.model_dump(mode="json")
-            acks = ray.get([self.workers[n].reconfigure.remote(payload, version, ref) for n in names])
+            acks = self._call_every_worker("reconfigure", payload, version, ref)
             if not keep_size:
                 self._target = config.rollout.num_workers
-        self._reconcile(busy=set(), wait=True)
-        return dict(zip(names, acks, strict=True))
+        self._reconcile(busy=set(), wait=True)  # replacements of the dead start with these weights
+        return acks
 
     def versions(self) -> dict[str, int]:
         with self._lock:
-            names = list(self.workers)
-            return dict(zip(names, ray.get([self.workers[n].version.remote() for n in names]), strict=True))
+            return self._call_every_worker("version")
+
+    def _call_every_worker(self, method: str, *args: Any) -> dict[str, Any]:
+        """Call ``method`` on every worker (caller holds the lock). A worker found dead here is
+        dropped, not fatal: a restarting learner's first call may race the death of a worker, and
+        the next reconcile launches its replacement, which gets the current weights before work."""
+        refs = {name: getattr(actor, method).remote(*args) for name, actor in self.workers.items()}
+        answers: dict[str, Any] = {}
+        for name, ref in refs.items():
+            try:
+                answers[name] = ray.get(ref)
+            except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
+                if isinstance(e, RayTaskError):  # raised by the worker's own code: a real error
+                    raise
+                log.warning("rollout worker %s died (%s) during %s; it will be replaced", name, type(e).__name__, method)
+                actor = self.workers.pop(name)
+                self.replaced += 1
+                if isinstance(e, ActorUnavailableError):
+                    ray.kill(actor)
+        return answers
 
     # --- work ---------------------------------------------------------------------------------
 
