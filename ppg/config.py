@@ -158,6 +158,26 @@ class RolloutConfig(Section):
         return self
 
 
+class LoraSettings(Section):
+    """Train low-rank adapters instead of every weight (peft). Rollout workers, checkpoints and
+    serving still see one plain model: the adapters merged into the base weights."""
+
+    rank: PositiveInt = Field(default=8, description="adapter rank r")
+    alpha: float = Field(default=16.0, gt=0, description="scaling: the update is (alpha / rank) * B @ A")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="module names to adapt (e.g. [q_proj, v_proj]) or all-linear (every linear layer "
+        "but the output head)",
+    )
+
+    @model_validator(mode="after")
+    def _peft_installed(self) -> LoraSettings:
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("peft is not installed: pip install 'ppg[lora]' (or drop learner.lora)")
+        return self
+
+
 class LearnerConfig(Section):
     num_workers: PositiveInt = Field(default=1, description="Ray Train (DDP) workers")
     use_gpu: bool = False
@@ -189,6 +209,9 @@ class LearnerConfig(Section):
     )
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward pass: memory for time"
+    )
+    lora: LoraSettings | None = Field(
+        default=None, description="train LoRA adapters (peft) instead of every weight; unset: full fine-tuning"
     )
     algorithm: Literal["pg", "ppo"] = Field(
         default="pg",

@@ -3,6 +3,7 @@
 Layout of ``RUN_DIR/checkpoints/iter_000010/``::
 
     policy/             config.json, model.safetensors, generation_config.json, tokenizer files
+    adapter/            learner.lora only: the LoRA adapters (policy/ holds them merged)
     trainer_state.pt    optimizer, LR scheduler, RNG states (tensors and numbers only)
     state.json          iteration, policy version, data cursor
     config.yaml         the resolved config of the run
@@ -29,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ppg.config import PPGConfig
 from ppg.files import fsync_dir, fsync_tree
+from ppg.learner.lora import ADAPTER, is_lora, save_policy
 from ppg.weights import tensor_shapes
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
@@ -59,7 +61,9 @@ def save_checkpoint(
     final = root / f"iter_{iteration:06d}"
     tmp = root / f".iter_{iteration:06d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / POLICY, safe_serialization=True)  # weights, config, generation_config
+    save_policy(model, tmp / POLICY)  # weights (LoRA: merged), config, generation_config
+    if is_lora(model):  # the adapters themselves: a resumed learner continues them exactly
+        model.save_pretrained(tmp / ADAPTER)
     # The tokenizer as transformers writes it (not copied files): the same for a local folder of
     # any layout and for a hub model, whose files are nowhere under a path ppg knows.
     if not isinstance(tokenizer, PreTrainedTokenizerBase):

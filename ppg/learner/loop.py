@@ -38,6 +38,7 @@ from ppg.learner.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from ppg.learner.lora import ADAPTER, apply_lora, load_lora, policy_state_dict, trainable_share
 from ppg.learner.metrics import MetricsWriter
 from ppg.learner.update import PolicyLearner, UpdateStats, check_staleness, global_advantages
 from ppg.offline import episode_groups, read_episodes
@@ -99,7 +100,7 @@ class PoolWeights:
 
     def publish(self, version: int, model: torch.nn.Module) -> int:
         """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
-        weights = ray.put({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        weights = ray.put(policy_state_dict(model))  # LoRA: adapters merged in
         if self.config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
             publish_policy(self.config.serve.app_name, version, weights)
         acks = ray.get(self.pool.update_weights.remote(version, weights))
@@ -209,9 +210,22 @@ def starting_checkpoint(loop_config: dict) -> str | None:
     return loop_config.get("resume_from")
 
 
+def load_policy_model(config: PPGConfig, loop_config: dict, checkpoint: str | None) -> torch.nn.Module:
+    """The model the learner trains, where this attempt starts. With ``learner.lora``: the initial
+    policy plus adapters (fresh, or the checkpoint's own), never adapters on merged weights."""
+    if config.learner.lora is None:
+        start = Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"]
+        return AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(loop_config["reference_path"], dtype=torch.float32)
+    if checkpoint:
+        return load_lora(base, Path(checkpoint) / ADAPTER)
+    return apply_lora(base, config.learner.lora)
+
+
 def build_learner(config: PPGConfig, loop_config: dict, world: int, checkpoint: str | None) -> PolicyLearner:
-    start = Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"]
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    model = load_policy_model(config, loop_config, checkpoint)
+    if config.learner.lora is not None:
+        print(f"[ppg] LoRA: {trainable_share(model):.2%} of the parameters train", flush=True)
     if config.learner.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
