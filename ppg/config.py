@@ -211,7 +211,8 @@ class LearnerConfig(Section):
         default=False, description="recompute activations in the backward pass: memory for time"
     )
     lora: LoraSettings | None = Field(
-        default=None, description="train LoRA adapters (peft) instead of every weight; unset: full fine-tuning"
+        default=None,
+        description="train LoRA adapters (peft) instead of every weight; unset: full fine-tuning",
     )
     algorithm: Literal["pg", "ppo"] = Field(
         default="pg",

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ppg.config import load_config
 from ppg.learner.checkpoint import latest_checkpoint, load_state, save_checkpoint, validate_checkpoint
-from ppg.learner.lora import ADAPTER, apply_lora, policy_state_dict
 from ppg.learner.loop import load_policy_model
+from ppg.learner.lora import ADAPTER, apply_lora, policy_state_dict
 from ppg.learner.metrics import read_metrics
 from ppg.models import resolve_model
 from ppg.rollout.engine import load_state_dict
@@ -27,7 +27,9 @@ def base_path():
 def adapted(base_path, seed=0):
     """A LoRA model whose adapters are not zero (as after some training)."""
     config = load_config(None, ["learner.lora.rank=4", "learner.lora.alpha=8"])
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), config.learner.lora)
+    model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), config.learner.lora
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -82,7 +84,9 @@ def test_missing_peft_is_a_config_error_naming_the_extra(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a)
+    )
     with pytest.raises(ValueError, match=r"learner\.lora.*pip install 'ppg\[lora\]'"):
         load_config(None, ["learner.lora.rank=8"])
 

@@ -70,7 +70,9 @@ def policy_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
             if "lora_" in key:
                 continue
             name = key.replace(".base_layer.", ".")
-            merged[name] = (value + deltas[name].to(value.dtype) if name in deltas else value).detach().cpu().clone()
+            merged[name] = (
+                (value + deltas[name].to(value.dtype) if name in deltas else value).detach().cpu().clone()
+            )
     return merged
 
 
@@ -79,7 +81,9 @@ def save_policy(model: torch.nn.Module, folder: Path) -> None:
     if not is_lora(model):
         model.save_pretrained(folder, safe_serialization=True)
         return
-    model.get_base_model().save_pretrained(folder, state_dict=policy_state_dict(model), safe_serialization=True)
+    model.get_base_model().save_pretrained(
+        folder, state_dict=policy_state_dict(model), safe_serialization=True
+    )
 
 
 def trainable_share(model: torch.nn.Module) -> float:

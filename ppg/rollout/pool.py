@@ -178,7 +178,12 @@ class RolloutPool:
             except (RayActorError, ActorDiedError, ActorUnavailableError) as e:
                 if isinstance(e, RayTaskError):  # raised by the worker's own code: a real error
                     raise
-                log.warning("rollout worker %s died (%s) during %s; it will be replaced", name, type(e).__name__, method)
+                log.warning(
+                    "rollout worker %s died (%s) during %s; it will be replaced",
+                    name,
+                    type(e).__name__,
+                    method,
+                )
                 actor = self.workers.pop(name)
                 self.replaced += 1
                 if isinstance(e, ActorUnavailableError):
