@@ -14,6 +14,7 @@ import torch
 from conftest import scripted_episodes
 from transformers import AutoModelForCausalLM
 
+from ppg.config import PPGConfig
 from ppg.episode import collate
 from ppg.experiment.report import episodes_to_target, interval, paired_test
 from ppg.experiment.selector import (
@@ -23,7 +24,7 @@ from ppg.experiment.selector import (
     per_turn_gradients,
     select_class,
 )
-from ppg.experiment.suite import Suite, SuiteError, load_suite
+from ppg.experiment.suite import Suite, SuiteError, config_defaults, load_suite
 from ppg.learner.update import global_advantages
 from ppg.loss import policy_gradient_loss, token_logprobs
 from ppg.models import resolve_model
@@ -76,6 +77,22 @@ def test_a_suite_may_add_to_a_folder_but_not_change_what_ran(tmp_path):
     assert changed.extends(recorded) == ["base"]
     other = Suite.model_validate({**recorded, "methods": {**recorded["methods"], "greedy": {"type": "full"}}})
     assert other.extends(recorded) == ["methods.greedy"]
+
+
+def test_a_changed_code_default_is_a_clash_until_the_suite_pins_the_old_value(tmp_path):
+    """Cells of one table must not mix two code versions' settings: the folder records the code's
+    defaults when its first cells ran; a later default change needs the old value in ``base``."""
+    suite = load_suite(write(tmp_path, BASE + "problems: {myopic: {target_reward: 0.1}}\n"))
+    then = config_defaults()
+    recorded = {**suite.model_dump(mode="json"), "defaults": then}
+    assert suite.extends(recorded, then) == []
+    now = {**then, "learner.max_staleness": 1, "run.new_setting": True}  # a changed and a new default
+    assert suite.extends(recorded, now) == ["base.learner.max_staleness"]
+    pinned = Suite.model_validate(
+        {**suite.model_dump(mode="json"), "base": {**suite.base, "learner.max_staleness": 0}}
+    )
+    assert pinned.extends(recorded, now) == []
+    assert then["learner.max_staleness"] == 0 and then["objective.gamma"] == PPGConfig().objective.gamma
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from ppg.experiment.suite import (
     Suite,
     SuiteError,
     cell_dir,
+    config_defaults,
     offline_data_path,
     pilot_path,
 )
@@ -79,20 +80,23 @@ class GridProgress:
 def _record_suite(suite: Suite, out: Path) -> None:
     recorded = out / "suite.json"
     if recorded.is_file():
-        clashes = suite.extends(json.loads(recorded.read_text()))
+        old = json.loads(recorded.read_text())
+        clashes = suite.extends(old, config_defaults())
         if clashes:
             raise SuiteError(
                 f"{out} holds results of a different suite ({recorded}: {', '.join(clashes)} differ); a "
-                "suite may only add methods, problems or seeds to a folder: use another --out, or "
-                "delete the folder to start over"
+                "suite may only add methods, problems or seeds to a folder (where a default of the code "
+                "changed since, pin its old value in the suite's base): use another --out, or delete the "
+                "folder to start over"
             )
-        old = json.loads(recorded.read_text())
         merged = suite.model_dump(mode="json")
+        if "defaults" in old:  # the first cells' code defaults (a folder older than this record has none)
+            merged["defaults"] = old["defaults"]
         for section in ("methods", "problems"):
             merged[section] = {**old.get(section, {}), **merged[section]}
         merged["seeds"] = sorted(set(old.get("seeds", [])) | set(merged["seeds"]))
     else:
-        merged = suite.model_dump(mode="json")
+        merged = {**suite.model_dump(mode="json"), "defaults": config_defaults()}
     atomic_write_text(recorded, json.dumps(merged, indent=1, sort_keys=True))
 
 

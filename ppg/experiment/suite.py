@@ -192,15 +192,43 @@ class Suite(_Strict):
         )
         return config.model_copy(update={"run": run})
 
-    def extends(self, recorded: dict) -> list[str]:
+    def extends(self, recorded: dict, defaults: dict[str, Any] | None = None) -> list[str]:
         """What in this suite contradicts ``recorded`` (an earlier suite.json of the same folder):
-        a suite may add methods, problems and seeds to a folder, never change what was run."""
+        a suite may add methods, problems and seeds to a folder, never change what was run.
+        ``defaults``: the code's config defaults now (``config_defaults()``); a default that changed
+        since the folder's first cells ran (recorded there) is a clash too, unless the suite's base
+        pins the old value: cells of one table must not mix two code versions' settings."""
         now = self.model_dump(mode="json")
-        clashes = [k for k in ("base", "eval_episodes", "selector") if recorded.get(k) != now[k]]
+        clashes = [k for k in ("eval_episodes", "selector") if recorded.get(k) != now[k]]
+        if "defaults" in recorded and defaults is not None:
+            before = {**recorded["defaults"], **recorded.get("base", {})}
+            after = {**defaults, **now["base"]}
+            clashes += [
+                f"base.{k}"
+                for k in sorted(set(before) | set(after))
+                if k in before and before[k] != after.get(k)
+            ]
+        elif recorded.get("base") != now["base"]:
+            clashes.append("base")
         for section in ("methods", "problems"):
             old, new = recorded.get(section, {}), now[section]
             clashes += [f"{section}.{k}" for k in set(old) & set(new) if old[k] != new[k]]
         return sorted(clashes)
+
+
+def config_defaults() -> dict[str, Any]:
+    """Every setting's default in this code, as dotted keys (what a suite's ``base`` overrides)."""
+
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return flat(PPGConfig().model_dump(mode="json"))
 
 
 def _yaml_value(v: Any) -> str:
