@@ -134,7 +134,8 @@ def train(
         plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
     if own_pool:
         eval_lines = summary_lines(report, after="final") if report else []
-        for line in train_summary(run_dir, rows, eval_lines, str(log) if log else None):
+        page = f"http://{config.serve.host}:{config.serve.port}/"
+        for line in train_summary(run_dir, rows, eval_lines, str(log) if log else None, page):
             console.say(line)
     if service is not None and config.serve.after_training == "keep":
         try:

@@ -98,7 +98,13 @@ def reward_trend(rows: list[dict]) -> tuple[float, float] | None:
     return sum(first) / len(first), sum(last) / len(last)
 
 
-def train_summary(run_dir: Path, rows: list[dict], eval_lines: list[str], log: str | None) -> list[str]:
+def train_summary(
+    run_dir: Path,
+    rows: list[dict],
+    eval_lines: list[str],
+    log: str | None,
+    page: str = "http://127.0.0.1:8000/",
+) -> list[str]:
     """What a person needs when ``ppg train`` ends: what was learned, where it is, what to run next."""
     from ppg.learner.checkpoint import list_checkpoints
 
@@ -111,7 +117,7 @@ def train_summary(run_dir: Path, rows: list[dict], eval_lines: list[str], log: s
             f"[ppg]   training reward per turn {trend[0]:+.3f} -> {trend[1]:+.3f} "
             f"(mean of the first and last {k} iteration{'s' if k > 1 else ''})"
         )
-    out += [f"[ppg]   {line}" for line in eval_lines]
+    out += [f"[ppg] {line}" for line in eval_lines]
     checkpoints = list_checkpoints(run_dir)
     files = ["metrics.jsonl", "reward.png", "samples/", "eval/report.md"]
     out.append(
@@ -124,7 +130,7 @@ def train_summary(run_dir: Path, rows: list[dict], eval_lines: list[str], log: s
         out += [
             "[ppg] next:",
             f"  ppg eval --checkpoint {last}",
-            f"  ppg serve --checkpoint {last}   # the chat page: http://127.0.0.1:8000/",
+            f"  ppg serve --checkpoint {last}   # the chat page: {page}",
             f"  ppg train --resume {run_dir} run.iterations={2 * done}   # train on",
         ]
     return out
