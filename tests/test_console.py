@@ -148,3 +148,29 @@ def test_the_pages_ship_with_the_package():
     for name in ("chat.html", "live.html"):
         assert "<script>" in (static / name).read_text()
     assert '"serve/static/*.html"' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_ppg_serve_finds_the_checkpoints_run_its_problem_and_where_to_log(tmp_path):
+    from ppg.cli import serve_log
+    from ppg.config import load_config
+    from ppg.serve.cli import run_of, with_checkpoint_problem
+
+    run = tmp_path / "default-20261201-000000"
+    checkpoint = run / "checkpoints" / "iter_000010"
+    checkpoint.mkdir(parents=True)
+    trained = load_config(None, ["problem.name=persona_chitchat"])
+    (checkpoint / "config.yaml").write_text(trained.to_yaml())
+    (run / "config.yaml").write_text(trained.to_yaml())
+    assert run_of(checkpoint) is None, "no metrics yet: no training page"
+    (run / "metrics.jsonl").write_text("")
+    assert run_of(checkpoint) == str(run) and run_of(tmp_path) is None
+    assert serve_log(checkpoint).parent == run / "logs" and serve_log(tmp_path).parent != tmp_path / "logs"
+
+    default = load_config(None, [])
+    assert with_checkpoint_problem(default, checkpoint, None, []).problem.name == "persona_chitchat"
+    mine = load_config(None, ["problem.name=elicitation"])
+    assert (
+        with_checkpoint_problem(mine, checkpoint, None, ["problem.name=elicitation"]).problem.name
+        == "elicitation"
+    )
+    assert with_checkpoint_problem(default, tmp_path, None, []).problem.name == "myopic"
