@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:  # our errors name the field and the fix
         console.error(f"ppg: {e}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; a run says how to resume in its first line
+        console.error("ppg: interrupted")
+        return 130
     except BaseException as e:  # the traceback: into the log, and (once released) to the terminal in full
         console.log_exception(e)
         if console.log_path():
