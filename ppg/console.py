@@ -34,6 +34,7 @@ class _State:
     log_path: Path | None = None
     log: TextIO | None = None  # the log file (also fd 1 and 2 while capturing)
     terminal: TextIO | None = None  # the original stdout, while capturing
+    terminal_err: TextIO | None = None  # the original stderr, while capturing
     saved_fds: tuple[int, int] | None = None
 
 
@@ -66,7 +67,8 @@ def capture(path: Path | str) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    _state.terminal = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8", errors="replace")
+    _state.terminal = _original(sys.stdout, 1)
+    _state.terminal_err = _original(sys.stderr, 2)
     _state.saved_fds = (os.dup(1), os.dup(2))
     _state.log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     os.dup2(_state.log.fileno(), 1)
@@ -80,6 +82,7 @@ def release() -> None:
     """Give the terminal its stdout and stderr back (at the end of a command, before a traceback);
     capturing stays off until the next ``configure``."""
     _state.enabled = False
+    _state.log_path = None
     if not capturing():
         return
     with contextlib.suppress(Exception):
@@ -92,10 +95,11 @@ def release() -> None:
     os.close(err)
     _state.saved_fds = None
     _forget_worker_markers()
-    for stream in (_state.terminal, _state.log):
-        with contextlib.suppress(Exception):
-            stream.close()
-    _state.terminal = _state.log = None
+    for stream in (_state.terminal, _state.terminal_err, _state.log):
+        if stream not in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()
+    _state.terminal = _state.terminal_err = _state.log = None
 
 
 def say(text: str = "") -> None:
@@ -110,10 +114,11 @@ def say(text: str = "") -> None:
 
 def error(text: str) -> None:
     """An error: to the terminal's stderr in full, and to the log."""
-    if _state.saved_fds is None:
+    if _state.terminal_err is None:
         print(text, file=sys.stderr, flush=True)
         return
-    os.write(_state.saved_fds[1], (text + "\n").encode("utf-8", "replace"))
+    _state.terminal_err.write(text + "\n")
+    _state.terminal_err.flush()
     _write_log(text)
 
 
@@ -127,6 +132,19 @@ def log_exception(exc: BaseException) -> None:
 def where_logs_are() -> str:
     """A line saying where the captured output is (empty with --verbose)."""
     return f"library output (Ray, vLLM, workers): {_state.log_path}" if _state.log_path else ""
+
+
+def _original(stream: TextIO, fd: int) -> TextIO:
+    """Where ppg's own lines go while fd ``fd`` points at the log: a copy of that fd when ``stream``
+    writes to it (a terminal, a pipe), else ``stream`` itself (Python-level capture: pytest's
+    capsys, a notebook), which the fd redirection does not touch."""
+    try:
+        on_fd = stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        on_fd = False
+    if not on_fd:
+        return stream
+    return os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
 
 
 def _write_log(text: str) -> None:

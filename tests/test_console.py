@@ -174,3 +174,22 @@ def test_ppg_serve_finds_the_checkpoints_run_its_problem_and_where_to_log(tmp_pa
         == "elicitation"
     )
     assert with_checkpoint_problem(default, tmp_path, None, []).problem.name == "myopic"
+
+
+def test_in_process_cli_callers_still_read_ppg_lines_from_sys_stdout(tmp_path, capsys):
+    """``cli.main([...])`` inside pytest (capsys) or a notebook: ppg's lines go to the sys.stdout and
+    sys.stderr they replaced; output written to the file descriptors goes to the log."""
+    import os
+
+    console.configure(verbose=False)
+    try:
+        log = console.capture(tmp_path / "console.log")
+        os.write(1, b"fd-level library line\n")
+        console.say("[ppg] a line for the person")
+        console.error("ppg: an error")
+    finally:
+        console.release()
+    captured = capsys.readouterr()
+    assert captured.out == "[ppg] a line for the person\n" and captured.err == "ppg: an error\n"
+    assert "fd-level library line" in log.read_text() and "a line for the person" in log.read_text()
+    assert console.capture(tmp_path / "again.log") is None, "released: off until the CLI turns it on"
