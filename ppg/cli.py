@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+import time
+from pathlib import Path
 
+from ppg import console
 from ppg.config import ConfigError, load_config
 
 EXAMPLES = """examples:
@@ -16,7 +20,9 @@ EXAMPLES = """examples:
   ppg eval --checkpoint runs/default-.../checkpoints/iter_000030 --problem myopic,elicitation
   ppg collect --out data/myopic.jsonl --episodes 512          # the initial model's judged episodes
   ppg train run.offline_data=data/myopic.jsonl                # offline PPG on that file
-  ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # http://127.0.0.1:8000/v1
+  ppg serve --checkpoint runs/default-.../checkpoints/iter_000060   # chat page http://127.0.0.1:8000/
+  ppg train serve.enabled=true                                # watch it learn: http://127.0.0.1:8000/live
+  ppg train --verbose                  # every library line on the terminal (else in <run>/logs/console.log)
   ppg experiment --suite experiments/paper.yaml      # classes x problems x seeds; resumable
   ppg problems
   PYTHONPATH=examples/plugins ppg train problem.name=my_problem:OneTopic problem.judge=my_problem:KeywordJudge
@@ -54,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = subcommand(commands, "train", "train a policy (rollouts -> PPG update -> weight broadcast)")
     add_config_arguments(train)
     train.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    add_verbose_argument(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = subcommand(
@@ -77,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out", metavar="DIR", help="where report.json, report.md, samples.md go (default <checkpoint>/eval)"
     )
+    add_verbose_argument(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     collect = subcommand(
@@ -99,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = subcommand(commands, "serve", "serve a checkpoint as an OpenAI-compatible HTTP API (Ray Serve)")
     add_config_arguments(serve)
     serve.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint (or policy) folder")
+    add_verbose_argument(serve)
     serve.set_defaults(handler=cmd_serve)
 
     experiment = subcommand(
@@ -111,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument(
         "--report-only", action="store_true", help="rebuild the tables and plots from finished cells"
     )
+    add_verbose_argument(experiment)
     experiment.set_defaults(handler=cmd_experiment)
 
     problems = commands.add_parser(
@@ -138,6 +148,16 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray's, vLLM's and the workers' output on the terminal (by default it goes to a log "
+        "file, named on the terminal; ppg's own lines and errors always reach the terminal)",
+    )
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     print(load_config(args.config, args.overrides).to_yaml(), end="")
     return 0
@@ -162,16 +182,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(resume=args.resume, overrides=args.overrides)
     else:
         run_dir = train(load_config(args.config, args.overrides))
-    print(f"run folder: {run_dir}")
+    console.say(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ppg.evaluate import evaluate, summary_lines
 
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
+    console.capture(out / "logs" / "console.log")
+    console.say(f"[ppg eval] playing {args.checkpoint} and its initial policy on held-out personas ...")
     report = evaluate(args.checkpoint, args.problem, args.episodes, args.config, args.overrides, args.out)
-    print("\n".join(summary_lines(report)))
-    print(f"report: {report['output_dir']}/report.md (report.json, samples.md)")
+    console.say("\n".join(summary_lines(report)))
+    console.say(f"report: {report['output_dir']}/report.md (report.json, samples.md)")
+    if console.log_path():
+        console.say(console.where_logs_are())
     return 0
 
 
@@ -189,12 +214,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ppg.serve.cli import serve_main
 
-    return serve_main(args.checkpoint, args.config, args.overrides)
+    return serve_main(args.checkpoint, args.config, args.overrides, log=serve_log(Path(args.checkpoint)))
+
+
+def serve_log(checkpoint: Path) -> Path:
+    """Where ``ppg serve`` puts library output: the checkpoint's run folder (``<run>/logs/``) when it
+    is one of a run's checkpoints, else the temp folder."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    checkpoint = checkpoint.resolve()
+    if checkpoint.parent.name == "checkpoints" and (checkpoint.parent.parent / "config.yaml").is_file():
+        return checkpoint.parent.parent / "logs" / f"serve-{stamp}.log"
+    return Path(tempfile.gettempdir()) / f"ppg-serve-{stamp}.log"
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from ppg.experiment.report import write_report
     from ppg.experiment.runner import run_suite
     from ppg.experiment.suite import load_suite
@@ -203,10 +236,12 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("experiments") / "results" / suite.name
     if args.report_only:
         if not write_report(suite, out):
-            print(f"ppg: no finished cells under {out}", file=sys.stderr)
+            console.error(f"ppg: no finished cells under {out}")
             return 2
         return 0
-    print(f"results: {run_suite(suite, out)}")
+    if log := console.capture(out / "logs" / "console.log"):
+        console.say(f"[ppg experiment] library output (Ray, vLLM, workers): {log}")
+    console.say(f"results: {run_suite(suite, out)}")
     return 0
 
 
@@ -229,11 +264,22 @@ def cmd_problems(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(verbose=getattr(args, "verbose", False))
     try:
         return args.handler(args)
     except (ConfigError, ValueError, FileNotFoundError) as e:  # our errors name the field and the fix
-        print(f"ppg: {e}", file=sys.stderr)
+        console.error(f"ppg: {e}")
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; a run says how to resume in its first line
+        console.error("ppg: interrupted")
+        return 130
+    except BaseException as e:  # the traceback: into the log, and (once released) to the terminal in full
+        console.log_exception(e)
+        if console.log_path():
+            console.error(f"ppg: failed; the full output, library lines included, is in {console.log_path()}")
+        raise
+    finally:
+        console.release()
 
 
 if __name__ == "__main__":

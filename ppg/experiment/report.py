@@ -21,6 +21,7 @@ import math
 import statistics
 from pathlib import Path
 
+from ppg.console import say
 from ppg.evaluate import mean_interval, t_test_p
 from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
@@ -312,5 +313,5 @@ def write_report(suite: Suite, out: Path) -> str:
     text = markdown(rows, selector)
     atomic_write_text(out / "results.md", text)
     plot(suite, rows, curves, targets, heldout, out)
-    print(text, flush=True)
+    say(text)
     return text

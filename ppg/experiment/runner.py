@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from ppg.collect import collect_on_pool
 from ppg.config import PPGConfig, load_config
+from ppg.console import say
 from ppg.driver import start_pool, train
 from ppg.env.personas import load_personas, split_personas
 from ppg.evaluate import evaluate_on_pool
@@ -72,9 +73,7 @@ class GridProgress:
         ran = self.done - self.skipped
         eta = elapsed / ran * (self.total - self.done) if ran else float("nan")
         state = "already done" if skipped else f"{elapsed / 60:.1f} min so far"
-        print(
-            f"[ppg experiment] {self.done}/{self.total} {what} ({state}; ETA {eta / 60:.1f} min)", flush=True
-        )
+        say(f"[ppg experiment] {self.done}/{self.total} {what} ({state}; ETA {eta / 60:.1f} min)")
 
 
 def _record_suite(suite: Suite, out: Path) -> None:

@@ -325,8 +325,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         collector = (OfflineCollector if config.run.offline_data else BatchCollector)(config)
         metrics = MetricsWriter(loop_config["run_dir"], config.run.loggers, loop_config["config"])
         collector.start_at(version, Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"])
-    start = time.perf_counter()
-
+    # No per-iteration print here: metrics.jsonl is the record, and the driver says each iteration
+    # from it (ppg/progress.py), without Ray's actor prefix.
     for iteration in range(first, last):
         t0 = time.perf_counter()
         # The batch travels through the object store; the collective only carries its reference.
@@ -351,14 +351,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics.write_samples(iteration, batch.episodes)  # what the policy says, not just its reward
             if (iteration + 1) % config.run.checkpoint_every == 0 or iteration + 1 == last:
                 save(config, loop_config, learner, model, iteration, version)
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (iteration + 1 - first) * (last - iteration - 1)
-            print(
-                f"[ppg] iter {iteration + 1}/{last}  reward {report['reward_mean']:+.3f}  "
-                f"loss {stats.loss:+.3f}  {report['episodes_per_s']:.1f} episodes/s  "
-                f"elapsed {elapsed:.0f}s  ETA {eta:.0f}s",
-                flush=True,
-            )
         ray.train.report({k: v for k, v in report.items() if isinstance(v, (int, float))})
 
     if rank == 0:

@@ -8,6 +8,7 @@ One deployment (``PolicyServer``), one vLLM engine per replica, FastAPI ingress:
   other field is a 400 naming it.
 * ``GET /v1/models``, ``GET /v1/models/{id}`` - one model, ``<model_name>-v<version>``.
 * ``GET /healthz`` - version, replica, in-flight requests (no auth: for probes).
+* ``GET /`` and ``GET /live`` - a chat page for the live agent and a training page (``ppg/serve/ui.py``).
 
 Every response names the policy version that produced it: ``system_fingerprint = "ppg-v<version>"``
 and the ``x-ppg-policy-version`` header. Client mistakes are 4xx in OpenAI's error shape
@@ -42,6 +43,7 @@ from ppg.serve.requests import build_job, model_not_found, serves
 from ppg.serve.responses import Reply, error_event
 from ppg.serve.schemas import ChatCompletion, ChatCompletionRequest, Health, ModelCard, ModelList
 from ppg.serve.settings import ServeSettings
+from ppg.serve.ui import install_ui
 from ppg.weights import WeightsMismatch, check_weights_fit, tensor_shapes
 
 logger = logging.getLogger("ppg.serve")
@@ -53,6 +55,7 @@ Job = CompletionRequest  # a request's sampling job is the engine's own type: th
 
 app = FastAPI(title="ppg policy (OpenAI-compatible)")
 install_error_handlers(app)
+install_ui(app)  # the chat page (/) and the training page (/live): ppg/serve/ui.py
 
 
 @app.middleware("http")

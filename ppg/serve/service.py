@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ray import serve
 
+from ppg import console
 from ppg.config import PPGConfig
 from ppg.policy_registry import kill_registry
 from ppg.ray_session import connect
@@ -80,13 +81,18 @@ class PolicyService:
     def wait_for_interrupt(self, what: str) -> None:
         """Block until Ctrl-C or SIGTERM (``kill`` / a container stop acts like Ctrl-C)."""
         signal.signal(signal.SIGTERM, _interrupt)  # after ray.init, which installs its own handler
-        print(f"ppg: serving {what} at {self.url}/v1 (Ctrl-C to stop)", flush=True)
-        print(f"  try: curl {self.url}/healthz", flush=True)
+        console.say(f"ppg: serving {what} (Ctrl-C to stop)")
+        console.say(f"  chat with it:  {self.url}/")
+        if self.settings.run_dir:
+            console.say(f"  its training:  {self.url}/live")
+        console.say(f"  OpenAI API:    {self.url}/v1   (try: curl {self.url}/healthz)")
+        if self.settings.api_key():
+            console.say(f"  the page and the API ask for the key in ${self.settings.api_key_env}")
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            print("ppg: stopping the server", flush=True)
+            console.say("ppg: stopping the server")
 
 
 def _interrupt(signum, frame) -> None:

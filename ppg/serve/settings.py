@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ConfigDict, Field, PositiveInt
 
-from ppg.config import Autoscaling, PPGConfig, ServeConfig
+from ppg.config import Autoscaling, PPGConfig, ProblemConfig, ServeConfig
 
 API_KEY_ENV = "PPG_SERVE_API_KEY"
 __all__ = ["Autoscaling", "ServeSettings"]
@@ -32,6 +32,14 @@ class ServeSettings(ServeConfig):
     kv_cache_gib: float = Field(default=1.0, ge=0)
     trust_remote_code: bool = False
     seed: int = 0
+    # the chat page (/) and the training page (/live): ppg/serve/ui.py
+    problem: ProblemConfig = Field(
+        default_factory=ProblemConfig,
+        description="the problem whose personas the chat page offers and whose judge scores its replies",
+    )
+    run_dir: str | None = Field(
+        default=None, description="a run folder whose metrics and samples /live shows (ppg train sets it)"
+    )
 
     @classmethod
     def from_config(cls, config: PPGConfig, checkpoint: str | Path, **extra) -> ServeSettings:
@@ -44,6 +52,7 @@ class ServeSettings(ServeConfig):
             trust_remote_code=m.trust_remote_code,
             kv_cache_gib=config.rollout.kv_cache_gib,
             seed=config.run.seed,
+            problem=config.problem.model_dump(mode="json"),
         )
         fields.update(extra)
         return cls.model_validate(fields)
