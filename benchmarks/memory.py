@@ -52,7 +52,15 @@ KINDS = [
     ("ray idle worker", r"ray::IDLE"),
     ("ray system (gcs, raylet, agents)", r"gcs_server|raylet|dashboard|log_monitor|monitor\.py|agent"),
 ]
-MAIN_KINDS = ["driver", "rollout pool", "rollout worker", "learner worker", "serve replica", "partner (LLM actor)"]
+VAGUE = ("gone", "ray idle worker")  # labels a process may carry before it becomes an actor
+MAIN_KINDS = [
+    "driver",
+    "rollout pool",
+    "rollout worker",
+    "learner worker",
+    "serve replica",
+    "partner (LLM actor)",
+]
 
 
 def classify(proc: psutil.Process, root: int) -> str:
@@ -75,7 +83,15 @@ def sample(root: psutil.Process) -> list[dict]:
     for proc in [root, *root.children(recursive=True)]:
         try:
             full = proc.memory_full_info()  # smaps_rollup: rss, pss, uss
-            rows.append({"pid": proc.pid, "kind": classify(proc, root.pid), "rss": full.rss, "pss": full.pss, "uss": full.uss})
+            rows.append(
+                {
+                    "pid": proc.pid,
+                    "kind": classify(proc, root.pid),
+                    "rss": full.rss,
+                    "pss": full.pss,
+                    "uss": full.uss,
+                }
+            )
         except psutil.Error:
             continue
     return rows
@@ -90,11 +106,17 @@ def free_port() -> int:
 def load_clients(url: str, stop: threading.Event, counts: dict, concurrency: int = 32) -> None:
     """Waves of ``concurrency`` chat requests against the live policy until ``stop``."""
     body = json.dumps(
-        {"model": "ppg-policy", "max_tokens": 16, "messages": [{"role": "user", "content": "i like jazz. any music ideas?"}]}
+        {
+            "model": "ppg-policy",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "i like jazz. any music ideas?"}],
+        }
     ).encode()
 
     def one() -> None:
-        request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as r:
                 r.read()
@@ -132,11 +154,13 @@ def run(args) -> dict:
     command = [sys.executable, "-m", "ppg.cli", "train", *overrides]
     print("running:", " ".join(command), flush=True)
     load_before = os.getloadavg()
-    log = open(out / "train.log", "w")
+    log = open(out / "train.log", "w")  # noqa: SIM115 - the child writes it until it exits
     child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     root = psutil.Process(child.pid)
     stop, counts = threading.Event(), {"ok": 0, "failed": 0}
-    client = threading.Thread(target=load_clients, args=(f"http://127.0.0.1:{port}", stop, counts), daemon=True)
+    client = threading.Thread(
+        target=load_clients, args=(f"http://127.0.0.1:{port}", stop, counts), daemon=True
+    )
     client.start()
     peaks: dict[int, dict] = {}  # pid -> kind, peak rss/pss/uss
     totals = []  # (t, sum rss, sum pss, sum uss)
@@ -146,11 +170,14 @@ def run(args) -> dict:
     while child.poll() is None:
         rows = sample(root)
         t = time.perf_counter() - start
-        totals.append((t, sum(r["rss"] for r in rows), sum(r["pss"] for r in rows), sum(r["uss"] for r in rows)))
+        totals.append(
+            (t, sum(r["rss"] for r in rows), sum(r["pss"] for r in rows), sum(r["uss"] for r in rows))
+        )
         per_kind: dict[str, float] = defaultdict(float)
         for r in rows:
             p = peaks.setdefault(r["pid"], {"kind": r["kind"], "rss": 0, "pss": 0, "uss": 0})
-            p["kind"] = r["kind"] if not p["kind"].startswith("ray idle") else r["kind"]  # idle -> actor
+            if p["kind"] in VAGUE or p["kind"].startswith("other"):  # idle -> its actor, once known
+                p["kind"] = r["kind"]
             for key in ("rss", "pss", "uss"):
                 p[key] = max(p[key], r[key])
             per_kind[r["kind"]] += r["pss"]
@@ -165,12 +192,15 @@ def run(args) -> dict:
         raise SystemExit(f"ppg train failed ({child.returncode}); log in {out}/train.log")
     kinds: dict[str, dict] = {}
     for p in peaks.values():
-        k = kinds.setdefault(p["kind"], {"processes": 0, "peak_rss_mib": 0.0, "peak_pss_mib": 0.0, "peak_uss_mib": 0.0})
+        k = kinds.setdefault(
+            p["kind"], {"processes": 0, "peak_rss_mib": 0.0, "peak_pss_mib": 0.0, "peak_uss_mib": 0.0}
+        )
         k["processes"] += 1
         for key in ("rss", "pss", "uss"):
             k[f"peak_{key}_mib"] = max(k[f"peak_{key}_mib"], p[key] / MiB)
-    for kind, v in kind_sum_peak.items():
-        kinds[kind]["peak_pss_all_processes_mib"] = v / MiB
+    for kind, v in kind_sum_peak.items():  # a worker first seen idle is counted under its actor above
+        if kind in kinds:
+            kinds[kind]["peak_pss_all_processes_mib"] = v / MiB
     return {
         "command": " ".join(command[2:]),
         "wall_s": time.perf_counter() - start,
@@ -240,7 +270,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--eval-episodes", type=int, default=16)
     parser.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
@@ -260,7 +292,9 @@ def main() -> None:
     )
     plot(result, RESULTS / f"{stem}.png")
     print(md)
-    print(f"load before/during/after: {result['load_before'][0]:.2f} / {result['load_during_mean_1min']:.2f} / {result['load_after'][0]:.2f}")
+    print(
+        f"load before/during/after: {result['load_before'][0]:.2f} / {result['load_during_mean_1min']:.2f} / {result['load_after'][0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -205,9 +205,7 @@ class LearnerConfig(Section):
         default="importance",
         description="episodes within max_staleness but not on-policy: importance-weight them, or drop them",
     )
-    importance_clip: float = Field(
-        default=2.0, gt=0, description="truncation of importance weights"
-    )
+    importance_clip: float = Field(default=2.0, gt=0, description="truncation of importance weights")
     importance_ratio: Literal["sequence", "token"] = Field(
         default="sequence",
         description="sequence: each stale episode weighted by pi/mu of all its agent tokens (exact "

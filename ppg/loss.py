@@ -105,7 +105,9 @@ def importance_weights(
     episode by its whole trajectory's ratio makes the policy-gradient estimator on mu's samples
     exactly pi's (the partner and the judge do not depend on the policy, so their factors cancel).
     Truncation at ``clip`` bounds the variance at the price of a bias where the ratio exceeds it."""
-    log_ratio = torch.where(agent_mask, logprobs.detach() - behaviour_logprobs.detach(), torch.zeros_like(logprobs))
+    log_ratio = torch.where(
+        agent_mask, logprobs.detach() - behaviour_logprobs.detach(), torch.zeros_like(logprobs)
+    )
     if ratio == "sequence":
         log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
     elif ratio != "token":

@@ -214,6 +214,35 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_rollouts_resume_exactly(ray_cluster, tmp_path):
+    """With run.async_rollouts the batch after a checkpoint is already being sampled, by the version
+    before the checkpoint's, which a resumed run no longer has: the checkpoint carries those
+    episodes, so a run resumed there trains on the same batches and ends with the same weights."""
+    straight = run_train(
+        tmp_path, "straight", ["run.iterations=3", "run.async_rollouts=true", "learner.max_staleness=1"]
+    )
+    saved = torch.load(straight / "checkpoints" / "iter_000001" / "trainer_state.pt", weights_only=True)
+    prefetched = [e for r in saved["prefetched"] for e in r["episodes"]]
+    assert len(prefetched) == 8 and {e["policy_version"] for e in prefetched} == {0}, "one version old"
+    final = torch.load(straight / "checkpoints" / "iter_000003" / "trainer_state.pt", weights_only=True)
+    assert final["prefetched"] is None, "nothing is sampled after the last iteration"
+
+    resumed = tmp_path / "resumed"  # the same run killed right after its first checkpoint
+    shutil.copytree(straight, resumed)
+    for later in ("iter_000002", "iter_000003"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    metrics = resumed / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    run_train(tmp_path, "resumed", [], resume=resumed)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], "same batches"
+    assert [r["importance_weight"] for r in a] == [r["importance_weight"] for r in b]
+    wa = load_file(latest_checkpoint(straight) / "policy" / "model.safetensors")
+    wb = load_file(latest_checkpoint(resumed) / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters after the resumed updates"
+
+
+@pytest.mark.slow
 def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path, capsys):
     """Two learner ranks (real DDP over gloo), rollouts overlapping the update (one version stale,
     importance-weighted), samples every 2nd iteration, the run's closing held-out evaluation (final vs

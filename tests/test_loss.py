@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from ppg.loss import (
-    importance_weights,
     clipped_surrogate_loss,
+    importance_weights,
     kl_penalty,
     policy_gradient_loss,
     token_logprobs,
@@ -189,4 +189,6 @@ def test_importance_weights_are_truncated_and_leave_on_policy_episodes_alone():
     torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 2.0], [1.0, 1.0, 1.0]]))
     untruncated = importance_weights(now, behaviour, agent, stale, clip=100.0)
     torch.testing.assert_close(untruncated[0, 1:], torch.tensor([9.0, 9.0]))
-    torch.testing.assert_close(importance_weights(now, behaviour, agent, stale, 100.0, "token")[0, 1:], torch.tensor([3.0, 3.0]))
+    torch.testing.assert_close(
+        importance_weights(now, behaviour, agent, stale, 100.0, "token")[0, 1:], torch.tensor([3.0, 3.0])
+    )
