@@ -40,17 +40,17 @@ MiB = 2**20
 # (kind, pattern on the process's command line / title); first match wins. Ray sets an actor
 # process's title to "ray::<Class>.<method>" (or "ray::<Class>" when idle).
 KINDS = [
-    ("rollout pool", r"ray::RolloutPool"),
-    ("rollout worker", r"ray::RolloutWorker"),
-    ("learner worker", r"ray::RayTrainWorker"),
-    ("serve replica", r"ray::ServeReplica"),
-    ("partner (LLM actor)", r"ray::ChatLLM"),
-    ("train controller", r"ray::TrainController"),
-    ("serve controller", r"ray::ServeController"),
-    ("serve proxy", r"ray::ProxyActor"),
-    ("policy registry", r"ray::(PolicyRegistry|.*[Rr]egistry)"),
-    ("ray idle worker", r"ray::IDLE"),
-    ("ray system (gcs, raylet, agents)", r"gcs_server|raylet|dashboard|log_monitor|monitor\.py|agent"),
+    ("rollout pool", r"^ray::RolloutPool"),
+    ("rollout worker", r"^ray::RolloutWorker"),
+    ("learner worker", r"^ray::RayTrainWorker"),
+    ("serve replica", r"^ray::ServeReplica"),
+    ("partner (LLM actor)", r"^ray::ChatLLM"),
+    ("train controller", r"^ray::TrainController"),
+    ("serve controller", r"^ray::ServeController"),
+    ("serve proxy", r"^ray::ProxyActor"),
+    ("policy registry", r"^ray::PolicyRegistry"),
+    ("ray idle worker", r"^ray::IDLE|default_worker\.py"),  # a worker process before its actor starts
+    ("ray system (gcs, raylet, agents)", r"gcs_server|raylet|dashboard|log_monitor|monitor\.py|Agent|agent/main\.py"),
 ]
 VAGUE = ("gone", "ray idle worker")  # labels a process may carry before it becomes an actor
 MAIN_KINDS = [
@@ -176,7 +176,7 @@ def run(args) -> dict:
         per_kind: dict[str, float] = defaultdict(float)
         for r in rows:
             p = peaks.setdefault(r["pid"], {"kind": r["kind"], "rss": 0, "pss": 0, "uss": 0})
-            if p["kind"] in VAGUE or p["kind"].startswith("other"):  # idle -> its actor, once known
+            if r["kind"] not in VAGUE and not r["kind"].startswith("other"):  # idle -> its actor
                 p["kind"] = r["kind"]
             for key in ("rss", "pss", "uss"):
                 p[key] = max(p[key], r[key])

@@ -2,9 +2,10 @@
 
 Rank 0 drives: it asks the rollout pool for the iteration's episodes, computes advantages on the
 whole batch, and shares them; every rank updates on its shard; rank 0 then broadcasts the new
-weights (version v+1) to the rollout workers, writes metrics and checkpoints. Synchronous by
-default; with ``run.async_rollouts`` the next iteration's rollouts run during this update (episodes
-are then one version behind, and ``learner.max_staleness`` / ``learner.off_policy`` apply). Offline
+weights (version v+1) to the rollout workers, writes metrics and checkpoints. By default
+(``run.async_rollouts`` unset, ``learner.max_staleness=1``) the next iteration's rollouts run during
+this update: its episodes are one version behind and importance-weighted (``learner.off_policy``);
+``learner.max_staleness=0`` or ``run.async_rollouts=false`` makes every batch on-policy. Offline
 (``run.offline_data``) the batches come from a file of logged, judged episodes instead
 (``OfflineCollector``); everything after the batch is the same.
 """
@@ -138,7 +139,7 @@ class BatchCollector(PoolWeights):
             )
             results = ray.get(ref)
         self.prefetch = None
-        if self.config.run.async_rollouts and iteration + 1 < self.config.run.iterations:
+        if self.config.overlaps_rollouts and iteration + 1 < self.config.run.iterations:
             requests = iteration_requests(self.config, self.personas, iteration + 1)
             self.prefetch = self.pool.collect.remote(requests)
         episodes = [e for r in results for e in r.episodes]
