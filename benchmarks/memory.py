@@ -50,7 +50,10 @@ KINDS = [
     ("serve proxy", r"^ray::ProxyActor"),
     ("policy registry", r"^ray::PolicyRegistry"),
     ("ray idle worker", r"^ray::IDLE|default_worker\.py"),  # a worker process before its actor starts
-    ("ray system (gcs, raylet, agents)", r"gcs_server|raylet|dashboard|log_monitor|monitor\.py|Agent|agent/main\.py"),
+    (
+        "ray system (gcs, raylet, agents)",
+        r"gcs_server|raylet|dashboard|log_monitor|monitor\.py|Agent|agent/main\.py",
+    ),
 ]
 VAGUE = ("gone", "ray idle worker")  # labels a process may carry before it becomes an actor
 MAIN_KINDS = [

@@ -181,17 +181,23 @@ def run(args) -> tuple[list[dict], dict]:
                         latencies, seconds = direct(concurrency)
                     else:
                         msgs = messages if concurrency > 1 else messages[: args.sequential_requests]
-                        latencies, seconds = asyncio.run(clients(base[path], msgs, concurrency, args.max_tokens))
+                        latencies, seconds = asyncio.run(
+                            clients(base[path], msgs, concurrency, args.max_tokens)
+                        )
                     old = samples.get((path, concurrency), ([], 0.0))
                     samples[(path, concurrency)] = (old[0] + latencies, old[1] + seconds)
-                    print(f"round {r} {path} x{concurrency}: {len(latencies) / seconds:.1f} req/s", flush=True)
+                    print(
+                        f"round {r} {path} x{concurrency}: {len(latencies) / seconds:.1f} req/s", flush=True
+                    )
     finally:
         vllm_server.terminate()
         vllm_server.wait(timeout=60)
         stop_server(settings.app_name)
         ray.shutdown()
     rows = []
-    for (path, concurrency), (latencies, seconds) in sorted(samples.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (path, concurrency), (latencies, seconds) in sorted(
+        samples.items(), key=lambda kv: (kv[0][1], kv[0][0])
+    ):
         rows.append(
             {
                 "clients": concurrency,
@@ -202,13 +208,18 @@ def run(args) -> tuple[list[dict], dict]:
                 "requests_per_s": len(latencies) / seconds,
             }
         )
+    add_ratios(rows)
+    machine = {"load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count()}
+    return rows, machine
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row against vLLM's server and the direct engine at the same number of clients."""
     for r in rows:
         ref = {d["path"]: d for d in rows if d["clients"] == r["clients"]}
         r["rps_vs_vllm"] = r["requests_per_s"] / ref["vllm"]["requests_per_s"]
         r["p50_vs_vllm"] = r["p50_ms"] / ref["vllm"]["p50_ms"]
         r["rps_vs_direct"] = r["requests_per_s"] / ref["direct"]["requests_per_s"]
-    machine = {"load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count()}
-    return rows, machine
 
 
 def markdown(rows: list[dict], machine: dict, command: str) -> str:
@@ -228,10 +239,14 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="embedded:tiny")
     parser.add_argument("--requests", type=int, default=192, help="requests per path and round at 32 clients")
-    parser.add_argument("--sequential-requests", type=int, default=48, help="requests per path and round, 1 client")
+    parser.add_argument(
+        "--sequential-requests", type=int, default=48, help="requests per path and round, 1 client"
+    )
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=1024)
