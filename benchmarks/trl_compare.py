@@ -93,6 +93,7 @@ FIELDS = [
     "learner_s",
     "weights_s",
     "other_s",
+    "batch_wait_s",  # ppg: the learner waiting for its batch (generation, unless overlapped, + transfer)
     "between_s",  # part of other_s: between updates (ppg: ray.train.report, metrics; TRL: callbacks)
     "torch_threads",
     "load_1min",  # batch rows: the 1-minute load average when the update finished
@@ -319,6 +320,7 @@ def run_ppg(
         "train_s": train_s,
         "split": split,
         "between_s": train_s - sum(m["time_iteration"] for m in metrics),
+        "batch_wait_s": sum(m["time_rollout"] for m in metrics),
         "gaps": [b[0] - a[0] for a, b in zip(stamped, stamped[1:], strict=False)],
         "policy": validate_checkpoint(latest_checkpoint(run_dir), require_trainer_state=False),
         "load_before": load_before,
@@ -533,6 +535,7 @@ def summarize(side: str, result: dict, evals: dict, args) -> dict:
         target_episodes=target_episodes,
         other_s=result["train_s"] - sum(split.values()),
         between_s=result["between_s"],
+        batch_wait_s=result.get("batch_wait_s", ""),
         torch_threads=result.get("torch_threads", 1 if side.startswith("ppg") else torch.get_num_threads()),
         load_before=result["load_before"],
         load_mean=mean(r["load_1min"] for r in b),
@@ -680,18 +683,23 @@ def write_markdown(rows: list[dict], path: Path, command: str, machine: str, arg
     )
     lines += [
         "",
-        "Seconds per update (training loop only):",
+        "Seconds per update (training loop only). With rollouts overlapping the update, generation runs "
+        "during the previous update: the parts then add up to more than the total (other < 0), and "
+        "'waiting for the batch' is what generation still costs the loop:",
         "",
         "| side | generate | environment | learner | weights to generator | other: in the update "
-        "| other: between updates | total |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| other: between updates | total | waiting for the batch |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in sides:
         n = r["updates"]
         parts = [r[k] for k in ("generate_s", "environment_s", "learner_s", "weights_s")]
         parts += [r["other_s"] - r["between_s"], r["between_s"]]
+        wait = f"{r['batch_wait_s'] / n:.3f}" if r["batch_wait_s"] != "" else ""
         lines.append(
-            f"| {name} | " + " | ".join(f"{p / n:.3f}" for p in parts) + f" | {r['train_s'] / n:.3f} |"
+            f"| {name} | "
+            + " | ".join(f"{p / n:.3f}" for p in parts)
+            + f" | {r['train_s'] / n:.3f} | {wait} |"
         )
     text = "\n".join(lines) + "\n"
     atomic_write_text(path, text)
