@@ -44,6 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
@@ -580,12 +581,21 @@ def run(args) -> list[dict]:
         # ppg's plans for far more steps than TRL can take (past them the Trainer starts over).
         groups = planned_groups(config, max(ppg_updates, math.ceil(budget / 0.05)))
         threads = torch.get_num_threads()
-        for n in args.trl_threads:  # TRL at each thread count: ppg is compared with the faster one
-            torch.set_num_threads(n)
-            side = trl_side(n, args)
-            results[side] = run_trl(args, budget, groups, env, root, side)
-            results[side]["torch_threads"] = n
-        torch.set_num_threads(threads)
+        niceness = os.getpriority(os.PRIO_PROCESS, 0)
+        # Ray starts every worker process at niceness 15 (RAY_worker_niceness): on a machine that
+        # other jobs load, ppg's learner and rollout worker get less CPU than a process at 0 would.
+        # TRL, in this process, runs at the same niceness as them (then back, as root may).
+        os.setpriority(os.PRIO_PROCESS, 0, args.trl_niceness)
+        try:
+            for n in args.trl_threads:  # TRL at each thread count: ppg is compared with the faster one
+                torch.set_num_threads(n)
+                side = trl_side(n, args)
+                results[side] = run_trl(args, budget, groups, env, root, side)
+                results[side]["torch_threads"] = n
+        finally:
+            torch.set_num_threads(threads)
+            with contextlib.suppress(PermissionError):
+                os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
         policies = [("initial", model_path, None)]
         policies += [(side, results[side]["policy"], None) for side, _, _ in variants]
@@ -839,6 +849,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=[1],
         help="torch thread counts to run TRL with, e.g. 1,2; ppg's ratio is against the fastest",
     )
+    parser.add_argument(
+        "--trl-niceness",
+        type=int,
+        default=int(os.environ.get("RAY_worker_niceness", 15)),  # noqa: SIM112 - Ray spells it so
+        help="niceness TRL trains at: that of ppg's Ray worker processes (Ray's default 15)",
+    )
     parser.add_argument("--eval-episodes", type=int, default=192, help="held-out conversations per policy")
     parser.add_argument("--window", type=int, default=256, help="episodes in the first/last reward means")
     parser.add_argument(
@@ -873,6 +889,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--poll-variant-s {args.poll_variant_s:g}",
             *[f"--ppg-variant {v}" for v in args.ppg_variant],
             f"--trl-threads {','.join(map(str, args.trl_threads))}",
+            f"--trl-niceness {args.trl_niceness}",
             f"--eval-episodes {args.eval_episodes}",
             f"--window {args.window}",
             f"--target {args.target:g}",
