@@ -407,3 +407,16 @@ def test_micro_batches_and_gradient_checkpointing_give_the_same_update(model_pat
     torch.testing.assert_close(grads(checkpointing=True)[0], whole, rtol=1e-4, atol=1e-6)
     bf16, _ = grads(precision="bf16")
     assert torch.nn.functional.cosine_similarity(bf16, whole, dim=0) > 0.98
+
+
+def test_iteration_split_adds_up_the_requests_each_worker_ran():
+    """A worker runs its requests one after another: its generate seconds add up, and the split
+    reports the busiest worker's (not the longest single request's)."""
+    from ppg.learner.loop import busiest_worker
+    from ppg.rollout.worker import RolloutResult
+
+    def result(worker: str, generate: float, environment: float) -> RolloutResult:
+        return RolloutResult(0, worker, 0, [], {"generate": generate, "environment": environment})
+
+    results = [result("a", 0.2, 0.01), result("a", 0.3, 0.02), result("b", 0.4, 0.05)]
+    assert busiest_worker(results) == pytest.approx({"generate": 0.5, "environment": 0.03})

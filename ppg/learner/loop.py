@@ -152,11 +152,7 @@ class BatchCollector(PoolWeights):
             global_advantages(usable, self.config.objective),
             len(episodes) - len(usable),
             batch_fingerprint(usable),
-            {
-                "rollout": time.perf_counter() - start,
-                "generate": max(r.seconds["generate"] for r in results),
-                "environment": max(r.seconds["environment"] for r in results),
-            },
+            {"rollout": time.perf_counter() - start, **busiest_worker(results)},
         )
 
     def prefetched_state(self) -> list[dict] | None:
@@ -175,6 +171,19 @@ class BatchCollector(PoolWeights):
             self.prefetch = [
                 RolloutResult(**{**r, "episodes": [Episode(**e) for e in r["episodes"]]}) for r in data
             ]
+
+
+def busiest_worker(results: list[RolloutResult]) -> dict[str, float]:
+    """Generate and environment seconds of the worker that spent the most on this batch. A worker
+    runs its requests one after another (``rollout.requests_per_worker``), so its times add up; the
+    per-request maximum used before counted one request of the two a lone worker runs by default."""
+    per_worker: dict[str, list[float]] = {}
+    for r in results:
+        spent = per_worker.setdefault(r.worker, [0.0, 0.0])
+        spent[0] += r.seconds["generate"]
+        spent[1] += r.seconds["environment"]
+    generate, environment = max(per_worker.values())
+    return {"generate": generate, "environment": environment}
 
 
 class OfflineCollector(PoolWeights):
