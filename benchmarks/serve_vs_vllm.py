@@ -238,6 +238,33 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = ["ppg", "vllm", "echo", "direct"]
+    loads = sorted({r["clients"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in (
+        (axes[0], "requests_per_s", "requests/s"),
+        (axes[1], "p50_ms", "p50 latency (ms)"),
+    ):
+        for j, p in enumerate(paths):
+            vals = [next((r[key] for r in rows if r["path"] == p and r["clients"] == c), 0) for c in loads]
+            bars = ax.bar([i + (j - 1.5) * 0.2 for i in range(len(loads))], vals, 0.2, label=p)
+            ax.bar_label(bars, [f"{v:.0f}" for v in vals], fontsize=7)
+        ax.set_xticks(range(len(loads)), [f"{c} client(s)" for c in loads])
+        ax.set_title(title)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("ppg serve vs vLLM's OpenAI server (same checkpoint, max_tokens 16)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -261,6 +288,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = markdown(rows, machine, command)
     (args.out / "serve_vs_vllm.md").write_text(text)
     (args.out / "serve_vs_vllm.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=1))
+    plot(rows, args.out / "serve_vs_vllm.png")
     print(text)
     return rows
 
