@@ -80,7 +80,6 @@ def start_vllm_server(policy: str, port: int, max_model_len: int, log: Path) -> 
         "--host", "127.0.0.1", "--port", str(port),
         "--model", policy, "--served-model-name", "ppg-policy",
         "--max-model-len", str(max_model_len), "--enforce-eager", "--max-num-seqs", "32",
-        "--disable-log-requests",
     ]  # fmt: skip
     return subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 

@@ -218,8 +218,11 @@ def test_async_rollouts_resume_exactly(ray_cluster, tmp_path):
     """With run.async_rollouts the batch after a checkpoint is already being sampled, by the version
     before the checkpoint's, which a resumed run no longer has: the checkpoint carries those
     episodes, so a run resumed there trains on the same batches and ends with the same weights."""
+    # one worker running two requests per batch (the default shape): new weights must not reach a
+    # prefetched batch's second request, or the batches would depend on timing
+    overlap = ["run.iterations=3", "rollout.num_workers=1", "rollout.requests_per_worker=2"]
     straight = run_train(
-        tmp_path, "straight", ["run.iterations=3", "run.async_rollouts=true", "learner.max_staleness=1"]
+        tmp_path, "straight", [*overlap, "run.async_rollouts=true", "learner.max_staleness=1"]
     )
     saved = torch.load(straight / "checkpoints" / "iter_000001" / "trainer_state.pt", weights_only=True)
     prefetched = [e for r in saved["prefetched"] for e in r["episodes"]]

@@ -155,6 +155,16 @@ class BatchCollector(PoolWeights):
             {"rollout": time.perf_counter() - start, **busiest_worker(results)},
         )
 
+    def publish(self, version: int, model: torch.nn.Module) -> int:
+        """As ``PoolWeights.publish``, once the next batch's rollouts (if under way) are done. A
+        worker runs its requests one by one and the pool hands out the next when it is free, so new
+        weights arriving meanwhile would reach the batch's later requests only: the batch's versions
+        and samples, hence the run, would depend on timing. Waiting keeps every batch one version
+        old and every run repeatable; it costs nothing, as the next iteration needs that batch first."""
+        if self.prefetch is not None and not isinstance(self.prefetch, list):
+            ray.wait([self.prefetch])
+        return super().publish(version, model)
+
     def prefetched_state(self) -> list[dict] | None:
         """The next iteration's rollouts when they are already under way (``run.async_rollouts``),
         waited for and as plain data for the checkpoint: they were sampled by the version before
