@@ -139,7 +139,9 @@ class BatchCollector(PoolWeights):
             )
             results = ray.get(ref)
         self.prefetch = None
-        if self.config.overlaps_rollouts and iteration + 1 < self.config.run.iterations:
+        # Also after the last iteration: its checkpoint then carries the next batch, so a run
+        # extended with ``--resume run.iterations=<more>`` repeats a longer straight run exactly.
+        if self.config.overlaps_rollouts:
             requests = iteration_requests(self.config, self.personas, iteration + 1)
             self.prefetch = self.pool.collect.remote(requests)
         episodes = [e for r in results for e in r.episodes]
