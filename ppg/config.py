@@ -223,14 +223,20 @@ class LearnerConfig(Section):
     ppo_clip: float = Field(default=0.2, gt=0, lt=1, description="PPO's ratio clip epsilon")
     kl_coef: float = Field(default=0.0, ge=0, description="KL penalty to the initial policy")
     max_staleness: int = Field(
-        default=0, ge=0, description="policy versions an episode may lag; 0 = on-policy"
+        default=1,
+        ge=0,
+        description="policy versions an episode may lag (1: the next batch is sampled while this "
+        "one trains, see run.async_rollouts); 0 = strictly on-policy, no overlap",
     )
     off_policy: Literal["reject", "importance"] = Field(
         default="importance",
         description="episodes within max_staleness but not on-policy: importance-weight them, or drop them",
     )
-    importance_clip: float = Field(
-        default=2.0, gt=0, description="truncation of per-token importance weights"
+    importance_clip: float = Field(default=2.0, gt=0, description="truncation of importance weights")
+    importance_ratio: Literal["sequence", "token"] = Field(
+        default="sequence",
+        description="sequence: each stale episode weighted by pi/mu of all its agent tokens (exact "
+        "before truncation, any policy class); token: each token by its own ratio (biased beyond one token)",
     )
 
 
@@ -306,8 +312,11 @@ class RunConfig(Section):
         description="learner worker failures survived per run: Ray Train restarts the learner, which "
         "continues exactly from the last checkpoint (run.checkpoint_every bounds the lost work)",
     )
-    async_rollouts: bool = Field(
-        default=False, description="overlap the next iteration's rollouts with the update"
+    async_rollouts: bool | None = Field(
+        default=None,
+        description="overlap the next iteration's rollouts with the update (its episodes are one "
+        "version old, importance-weighted); None = wherever the learner accepts that: "
+        "learner.max_staleness >= 1, off_policy=importance, algorithm=pg, online",
     )
     sample_every: int = Field(
         default=10,
@@ -355,6 +364,22 @@ class PPGConfig(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    @property
+    def overlaps_rollouts(self) -> bool:
+        """Whether the next iteration's rollouts run during this update (``run.async_rollouts``
+        resolved). By default wherever the staleness bound allows it: generation and learning then
+        share the wall clock (BENCHMARKS.md, ppg vs TRL), at one version of lag that the sequence
+        importance weights correct exactly (tests/test_loss.py) and that resume repeats exactly."""
+        if self.run.async_rollouts is not None:
+            return self.run.async_rollouts
+        learner = self.learner
+        return (
+            learner.max_staleness >= 1
+            and learner.off_policy == "importance"
+            and learner.algorithm == "pg"
+            and self.run.offline_data is None
+        )
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -370,6 +395,7 @@ def check_trainable(config: PPGConfig) -> PPGConfig:
     problems = []
     r, learner = config.rollout, config.learner
     if config.run.async_rollouts and (learner.max_staleness < 1 or learner.off_policy == "reject"):
+        # only an explicit true can clash: the default (None) turns the overlap off by itself
         problems.append(
             "run.async_rollouts=true samples each batch one policy version behind the learner, so "
             f"learner.max_staleness={learner.max_staleness} / learner.off_policy={learner.off_policy} "

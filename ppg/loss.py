@@ -9,6 +9,7 @@ estimate above. Shapes: B sequences of L tokens, T turns per episode.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -22,6 +23,12 @@ from ppg.objectives import ObjectiveInputError
 #   of the same direction when the token count is fixed; when lengths vary it is what DAPO-style
 #   trainers use, and it is no longer exactly unbiased.
 LossReduction = Literal["sequence_mean", "token_mean"]
+# sequence: one weight per episode, pi(all its agent tokens) / mu(all its agent tokens): the exact
+#   importance correction of every term of the estimator (for any policy class, any number of turns),
+#   unbiased until truncated. token: each token's own pi / mu: lower variance, but it ignores how the
+#   other tokens (earlier ones: the state; later ones: the return) moved, so it is biased as soon as
+#   an episode has more than one agent token (tests/test_loss.py shows both, by enumeration).
+ImportanceRatio = Literal["sequence", "token"]
 
 
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
@@ -82,6 +89,31 @@ def clipped_surrogate_loss(
     active = ((ratio > 1 + clip) & (token_advantage > 0)) | ((ratio < 1 - clip) & (token_advantage < 0))
     clipped = (active & agent_mask).sum() / agent_mask.sum().clamp(min=1)
     return -reduce_tokens(weighted, agent_mask, reduction), clipped.detach()
+
+
+def importance_weights(
+    logprobs: Tensor,  # [B, L] under the policy being updated (pi)
+    behaviour_logprobs: Tensor,  # [B, L] under the policy that sampled (mu)
+    agent_mask: Tensor,  # [B, L] bool
+    stale: Tensor,  # [B] bool: episodes sampled by another policy version than pi
+    clip: float,
+    ratio: ImportanceRatio = "sequence",
+) -> Tensor:
+    """Truncated importance weights [B, L] for off-policy episodes (1 on the others' tokens).
+
+    E_mu[(pi(tau) / mu(tau)) X(tau)] = E_pi[X(tau)] for any X: weighting every agent token of an
+    episode by its whole trajectory's ratio makes the policy-gradient estimator on mu's samples
+    exactly pi's (the partner and the judge do not depend on the policy, so their factors cancel).
+    Truncation at ``clip`` bounds the variance at the price of a bias where the ratio exceeds it."""
+    log_ratio = torch.where(
+        agent_mask, logprobs.detach() - behaviour_logprobs.detach(), torch.zeros_like(logprobs)
+    )
+    if ratio == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(log_ratio)
+    elif ratio != "token":
+        raise ObjectiveInputError(f"learner.importance_ratio must be 'sequence' or 'token', got {ratio!r}")
+    weights = torch.exp(log_ratio.clamp(max=math.log(clip)))
+    return torch.where(agent_mask & stale[:, None], weights, torch.ones_like(weights))
 
 
 def reduce_tokens(weighted: Tensor, agent_mask: Tensor, reduction: LossReduction) -> Tensor:

@@ -45,4 +45,8 @@ def shareable_weights(weights: Mapping[str, Any] | str | Path) -> str | ray.Obje
     """Weights in the form that crosses processes cheaply: a checkpoint folder as its path (each
     reader loads it), a state dict put into the object store once (every worker reads the same
     object; an ObjectRef also survives the caller that sent it)."""
+    from ppg.weights import SharedWeights
+
+    if isinstance(weights, SharedWeights):  # in the object store already: the same object, no copy
+        return weights.ref
     return str(weights) if isinstance(weights, (str, Path)) else ray.put(dict(weights))

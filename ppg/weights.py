@@ -10,12 +10,29 @@ changes nothing and the caller gets an error that names the tensor.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
-Weights = Mapping[str, torch.Tensor] | str | Path  # a state dict (HF names) or a checkpoint folder
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """A state dict already in the Ray object store, with its tensor shapes.
+
+    Why: an ObjectRef passed as a call's argument is fetched and deserialized by the callee, so a
+    pool that only forwards the weights to its workers used to receive the whole state dict and put
+    it into the object store again (a full copy per update, growing with the model). Wrapped here it
+    is not fetched: the pool checks the shapes and hands the same object to every worker."""
+
+    ref: Any  # ray.ObjectRef of {name: tensor}
+    shapes: Mapping[str, tuple[int, ...]]
+
+
+# a state dict (HF names), a checkpoint folder, or a state dict in the object store
+Weights = Mapping[str, torch.Tensor] | str | Path | SharedWeights
 
 
 class WeightsMismatch(ValueError):
@@ -33,6 +50,8 @@ def tensor_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def shapes_of(weights: Weights) -> dict[str, tuple[int, ...]]:
+    if isinstance(weights, SharedWeights):
+        return dict(weights.shapes)
     if isinstance(weights, (str, Path)):
         return tensor_shapes(weights)
     return {k: tuple(v.shape) for k, v in weights.items()}

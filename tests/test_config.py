@@ -183,7 +183,7 @@ def test_ppg_bad_config_exits_2_with_the_field_named(capsys):
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
-        (["run.async_rollouts=true"], "learner.max_staleness=0"),
+        (["run.async_rollouts=true", "learner.max_staleness=0"], "learner.max_staleness=0"),
         (["run.async_rollouts=true", "learner.max_staleness=1", "learner.off_policy=reject"], "reject"),
         (["rollout.temperature=0.7"], "rollout.temperature=0.7"),
         (["rollout.top_p=0.9"], "rollout.top_p=0.9"),
@@ -204,6 +204,21 @@ def test_combinations_that_cannot_train_are_refused_before_anything_starts(
     assert named in capsys.readouterr().err and not out.exists(), "no run folder for a refused config"
     ok = ["run.async_rollouts=true", "learner.max_staleness=1", "learner.off_policy=importance"]
     check_trainable(load_config(None, ok))  # the supported asynchronous setting passes
+
+
+def test_rollouts_overlap_the_update_by_default_wherever_the_learner_accepts_it():
+    """run.async_rollouts unset: on for the shipped default (one version of staleness, importance-
+    weighted, one step per batch); off, never an error, where the learner could not use the batch."""
+    assert load_config(None, []).overlaps_rollouts
+    for off in (
+        ["learner.max_staleness=0"],
+        ["learner.off_policy=reject"],
+        ["learner.algorithm=ppo"],
+        ["run.async_rollouts=false"],
+    ):
+        config = check_trainable(load_config(None, off))
+        assert not config.overlaps_rollouts, off
+    assert load_config(None, ["learner.max_staleness=0", "run.async_rollouts=true"]).overlaps_rollouts
 
 
 def test_date_like_values_stay_strings(tmp_path):

@@ -214,6 +214,39 @@ def test_one_iteration_end_to_end_and_exact_resume(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_async_rollouts_resume_exactly(ray_cluster, tmp_path):
+    """With run.async_rollouts the batch after a checkpoint is already being sampled, by the version
+    before the checkpoint's, which a resumed run no longer has: the checkpoint carries those
+    episodes, so a run resumed there trains on the same batches and ends with the same weights."""
+    # one worker running two requests per batch (the default shape): new weights must not reach a
+    # prefetched batch's second request, or the batches would depend on timing
+    overlap = ["run.iterations=3", "rollout.num_workers=1", "rollout.requests_per_worker=2"]
+    straight = run_train(
+        tmp_path, "straight", [*overlap, "run.async_rollouts=true", "learner.max_staleness=1"]
+    )
+    saved = torch.load(straight / "checkpoints" / "iter_000001" / "trainer_state.pt", weights_only=True)
+    prefetched = [e for r in saved["prefetched"] for e in r["episodes"]]
+    assert len(prefetched) == 8 and {e["policy_version"] for e in prefetched} == {0}, "one version old"
+    final = torch.load(straight / "checkpoints" / "iter_000003" / "trainer_state.pt", weights_only=True)
+    following = [e for r in final["prefetched"] for e in r["episodes"]]  # for a run extended later
+    assert len(following) == 8 and {e["policy_version"] for e in following} == {2}
+
+    resumed = tmp_path / "resumed"  # the same run killed right after its first checkpoint
+    shutil.copytree(straight, resumed)
+    for later in ("iter_000002", "iter_000003"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    metrics = resumed / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    run_train(tmp_path, "resumed", [], resume=resumed)
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [r["batch_fingerprint"] for r in a] == [r["batch_fingerprint"] for r in b], "same batches"
+    assert [r["importance_weight"] for r in a] == [r["importance_weight"] for r in b]
+    wa = load_file(latest_checkpoint(straight) / "policy" / "model.safetensors")
+    wb = load_file(latest_checkpoint(resumed) / "policy" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "same parameters after the resumed updates"
+
+
+@pytest.mark.slow
 def test_async_rollouts_with_two_ddp_learners_and_eval(ray_cluster, tmp_path, capsys):
     """Two learner ranks (real DDP over gloo), rollouts overlapping the update (one version stale,
     importance-weighted), samples every 2nd iteration, the run's closing held-out evaluation (final vs
@@ -378,3 +411,16 @@ def test_micro_batches_and_gradient_checkpointing_give_the_same_update(model_pat
     torch.testing.assert_close(grads(checkpointing=True)[0], whole, rtol=1e-4, atol=1e-6)
     bf16, _ = grads(precision="bf16")
     assert torch.nn.functional.cosine_similarity(bf16, whole, dim=0) > 0.98
+
+
+def test_iteration_split_adds_up_the_requests_each_worker_ran():
+    """A worker runs its requests one after another: its generate seconds add up, and the split
+    reports the busiest worker's (not the longest single request's)."""
+    from ppg.learner.loop import busiest_worker
+    from ppg.rollout.worker import RolloutResult
+
+    def result(worker: str, generate: float, environment: float) -> RolloutResult:
+        return RolloutResult(0, worker, 0, [], {"generate": generate, "environment": environment})
+
+    results = [result("a", 0.2, 0.01), result("a", 0.3, 0.02), result("b", 0.4, 0.05)]
+    assert busiest_worker(results) == pytest.approx({"generate": 0.5, "environment": 0.03})

@@ -7,6 +7,7 @@ import torch
 
 from ppg.loss import (
     clipped_surrogate_loss,
+    importance_weights,
     kl_penalty,
     policy_gradient_loss,
     token_logprobs,
@@ -143,3 +144,51 @@ def test_ppo_first_step_is_the_policy_gradient_and_clipped_tokens_get_none():
     loss.backward()
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, 0.0, 0.0, -0.5 * 2.0, 0.0, 0.0, 0.0, 0.0]]))
     assert torch.isclose(clipped, torch.tensor(2 / 3))
+
+
+def test_sequence_importance_weights_correct_one_step_off_policy_exactly():
+    """One-step off-policy (run.async_rollouts): episodes sampled by mu (the previous version), the
+    update taken at pi. By enumeration of every 2-token reply over a 3-token vocabulary, the expected
+    estimator on mu's samples with learner.importance_ratio=sequence (untruncated) equals the exact
+    gradient of pi's expected reward; the per-token ratio does not (it ignores how the first token's
+    probability moved the second token's context and the reward)."""
+    torch.manual_seed(0)
+    first = torch.randn(3, requires_grad=True)  # pi's logits for token 1
+    second = torch.randn(3, 3, requires_grad=True)  # pi's logits for token 2, given token 1
+    old_first, old_second = first.detach() + 0.5 * torch.randn(3), second.detach() + 0.5 * torch.randn(3, 3)
+    reward = torch.randn(3, 3)
+    replies = [(a, b) for a in range(3) for b in range(3)]
+
+    def logp(f, s, a, b):  # [1, L=3]: position 0 is context (no action), then the 2 reply tokens
+        return torch.stack([torch.zeros(()), f.log_softmax(0)[a], s[a].log_softmax(0)[b]])[None]
+
+    exact = torch.autograd.grad(
+        sum(logp(first, second, a, b).sum().exp() * reward[a, b] for a, b in replies), (first, second)
+    )
+    agent = torch.tensor([[False, True, True]])
+    turn = torch.zeros(1, 3, dtype=torch.long)
+    for ratio, exact_expected in (("sequence", True), ("token", False)):
+        expected = [torch.zeros(3), torch.zeros(3, 3)]
+        for a, b in replies:
+            now, behaviour = logp(first, second, a, b), logp(old_first, old_second, a, b)
+            w = importance_weights(now, behaviour, agent, torch.tensor([True]), float("inf"), ratio)
+            loss = policy_gradient_loss(now, agent, turn, reward[a, b].reshape(1, 1), token_weights=w)
+            grads = torch.autograd.grad(-loss, (first, second))
+            mu = behaviour.sum().exp()  # the sampler's probability of this reply
+            expected = [e + mu * g for e, g in zip(expected, grads, strict=True)]
+        close = all(torch.allclose(e, x, atol=1e-6) for e, x in zip(expected, exact, strict=True))
+        assert close == exact_expected, ratio
+
+
+def test_importance_weights_are_truncated_and_leave_on_policy_episodes_alone():
+    now = torch.log(torch.tensor([[0.0, 0.9, 0.9], [0.0, 0.9, 0.9]]).clamp(min=1e-9))
+    behaviour = torch.log(torch.tensor([[1.0, 0.3, 0.3], [1.0, 0.3, 0.3]]))  # ratio 3 per token, 9 per reply
+    agent = torch.tensor([[False, True, True], [False, True, True]])
+    stale = torch.tensor([True, False])
+    w = importance_weights(now, behaviour, agent, stale, clip=2.0)
+    torch.testing.assert_close(w, torch.tensor([[1.0, 2.0, 2.0], [1.0, 1.0, 1.0]]))
+    untruncated = importance_weights(now, behaviour, agent, stale, clip=100.0)
+    torch.testing.assert_close(untruncated[0, 1:], torch.tensor([9.0, 9.0]))
+    torch.testing.assert_close(
+        importance_weights(now, behaviour, agent, stale, 100.0, "token")[0, 1:], torch.tensor([3.0, 3.0])
+    )

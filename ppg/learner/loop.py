@@ -2,9 +2,10 @@
 
 Rank 0 drives: it asks the rollout pool for the iteration's episodes, computes advantages on the
 whole batch, and shares them; every rank updates on its shard; rank 0 then broadcasts the new
-weights (version v+1) to the rollout workers, writes metrics and checkpoints. Synchronous by
-default; with ``run.async_rollouts`` the next iteration's rollouts run during this update (episodes
-are then one version behind, and ``learner.max_staleness`` / ``learner.off_policy`` apply). Offline
+weights (version v+1) to the rollout workers, writes metrics and checkpoints. By default
+(``run.async_rollouts`` unset, ``learner.max_staleness=1``) the next iteration's rollouts run during
+this update: its episodes are one version behind and importance-weighted (``learner.off_policy``);
+``learner.max_staleness=0`` or ``run.async_rollouts=false`` makes every batch on-policy. Offline
 (``run.offline_data``) the batches come from a file of logged, judged episodes instead
 (``OfflineCollector``); everything after the batch is the same.
 """
@@ -45,6 +46,8 @@ from ppg.offline import episode_groups, read_episodes
 from ppg.policy_registry import publish_policy
 from ppg.ray_session import POOL_ACTOR
 from ppg.rollout.pool import plan_requests
+from ppg.rollout.worker import RolloutResult
+from ppg.weights import SharedWeights
 
 ATTEMPT_MARKER = ".learner-attempt"  # the run's attempt token: present = this learner is a restart
 
@@ -99,11 +102,18 @@ class PoolWeights:
         ray.get(self.pool.reconfigure.remote(self.config, version, str(policy), keep_size=True))
 
     def publish(self, version: int, model: torch.nn.Module) -> int:
-        """The new weights to every rollout worker (and the live HTTP policy); returns how many acked."""
-        weights = ray.put(policy_state_dict(model))  # LoRA: adapters merged in
+        """The new weights to every rollout worker (and the live HTTP policy); returns how many acked.
+
+        ``ray.put`` serializes the tensors (in the engines' dtype, so a bf16 model sends half the
+        bytes; with LoRA the adapters merged in) straight into the object store, and the pool passes
+        that same object on to every worker at once (``SharedWeights``: not fetched by the pool
+        before its workers start loading)."""
+        state = policy_state_dict(model, dtype=getattr(torch, self.config.model.dtype))
+        ref = ray.put(state)
         if self.config.serve.enabled:  # the HTTP replicas follow within serve.reload_poll_s
-            publish_policy(self.config.serve.app_name, version, weights)
-        acks = ray.get(self.pool.update_weights.remote(version, weights))
+            publish_policy(self.config.serve.app_name, version, ref)
+        shared = SharedWeights(ref, {k: tuple(v.shape) for k, v in state.items()})
+        acks = ray.get(self.pool.update_weights.remote(version, shared))
         if set(acks.values()) != {version}:
             raise RuntimeError(
                 f"weight broadcast incomplete: workers report versions {acks}, expected {version}"
@@ -122,14 +132,17 @@ class BatchCollector(PoolWeights):
 
     def collect(self, iteration: int, version: int) -> Batch:
         start = time.perf_counter()
-        ref = (
-            self.prefetch
-            if self.prefetch is not None
-            else self.pool.collect.remote(iteration_requests(self.config, self.personas, iteration))
-        )
-        results = ray.get(ref)
+        if isinstance(self.prefetch, list):  # in hand already (waited for at a checkpoint, or restored)
+            results = self.prefetch
+        else:
+            ref = self.prefetch or self.pool.collect.remote(
+                iteration_requests(self.config, self.personas, iteration)
+            )
+            results = ray.get(ref)
         self.prefetch = None
-        if self.config.run.async_rollouts and iteration + 1 < self.config.run.iterations:
+        # Also after the last iteration: its checkpoint then carries the next batch, so a run
+        # extended with ``--resume run.iterations=<more>`` repeats a longer straight run exactly.
+        if self.config.overlaps_rollouts:
             requests = iteration_requests(self.config, self.personas, iteration + 1)
             self.prefetch = self.pool.collect.remote(requests)
         episodes = [e for r in results for e in r.episodes]
@@ -142,12 +155,48 @@ class BatchCollector(PoolWeights):
             global_advantages(usable, self.config.objective),
             len(episodes) - len(usable),
             batch_fingerprint(usable),
-            {
-                "rollout": time.perf_counter() - start,
-                "generate": max(r.seconds["generate"] for r in results),
-                "environment": max(r.seconds["environment"] for r in results),
-            },
+            {"rollout": time.perf_counter() - start, **busiest_worker(results)},
         )
+
+    def publish(self, version: int, model: torch.nn.Module) -> int:
+        """As ``PoolWeights.publish``, once the next batch's rollouts (if under way) are done. A
+        worker runs its requests one by one and the pool hands out the next when it is free, so new
+        weights arriving meanwhile would reach the batch's later requests only: the batch's versions
+        and samples, hence the run, would depend on timing. Waiting keeps every batch one version
+        old and every run repeatable; it costs nothing, as the next iteration needs that batch first."""
+        if self.prefetch is not None and not isinstance(self.prefetch, list):
+            ray.wait([self.prefetch])
+        return super().publish(version, model)
+
+    def prefetched_state(self) -> list[dict] | None:
+        """The next iteration's rollouts when they are already under way (``run.async_rollouts``),
+        waited for and as plain data for the checkpoint: they were sampled by the version before
+        the checkpoint's, which a resumed run no longer has, so a resumed run must train on these
+        very episodes to repeat its killed twin exactly. None when nothing is prefetched."""
+        if self.prefetch is None:
+            return None
+        if not isinstance(self.prefetch, list):
+            self.prefetch = ray.get(self.prefetch)  # the next collect would wait for it anyway
+        return [dataclasses.asdict(r) for r in self.prefetch]
+
+    def restore_prefetched(self, data: list[dict] | None) -> None:
+        if data:
+            self.prefetch = [
+                RolloutResult(**{**r, "episodes": [Episode(**e) for e in r["episodes"]]}) for r in data
+            ]
+
+
+def busiest_worker(results: list[RolloutResult]) -> dict[str, float]:
+    """Generate and environment seconds of the worker that spent the most on this batch. A worker
+    runs its requests one after another (``rollout.requests_per_worker``), so its times add up; the
+    per-request maximum used before counted one request of the two a lone worker runs by default."""
+    per_worker: dict[str, list[float]] = {}
+    for r in results:
+        spent = per_worker.setdefault(r.worker, [0.0, 0.0])
+        spent[0] += r.seconds["generate"]
+        spent[1] += r.seconds["environment"]
+    generate, environment = max(per_worker.values())
+    return {"generate": generate, "environment": environment}
 
 
 class OfflineCollector(PoolWeights):
@@ -243,6 +292,7 @@ def restore(learner: PolicyLearner, checkpoint: str | None, rank: int) -> dict:
     if not checkpoint:
         return {"iteration": 0, "policy_version": 0}
     state, trainer_state = load_state(checkpoint)
+    state["prefetched"] = trainer_state.get("prefetched")  # async rollouts in flight at the save
     learner.optimizer.load_state_dict(trainer_state["optimizer"])
     learner.scheduler.load_state_dict(trainer_state["scheduler"])
     rng = trainer_state["torch_rng"]
@@ -293,8 +343,17 @@ def saved_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
 
 
-def save(config: PPGConfig, loop_config: dict, learner: PolicyLearner, model, iteration: int, version: int):
+def save(
+    config: PPGConfig,
+    loop_config: dict,
+    learner: PolicyLearner,
+    model,
+    iteration: int,
+    version: int,
+    prefetched: list[dict] | None = None,
+):
     trainer_state = {
+        "prefetched": prefetched,
         "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(),
         "torch_rng": [torch.get_rng_state()],
@@ -325,13 +384,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         collector = (OfflineCollector if config.run.offline_data else BatchCollector)(config)
         metrics = MetricsWriter(loop_config["run_dir"], config.run.loggers, loop_config["config"])
         collector.start_at(version, Path(checkpoint) / "policy" if checkpoint else loop_config["policy_path"])
+        if isinstance(collector, BatchCollector):
+            collector.restore_prefetched(state.get("prefetched"))
     # No per-iteration print here: metrics.jsonl is the record, and the driver says each iteration
     # from it (ppg/progress.py), without Ray's actor prefix.
     for iteration in range(first, last):
         t0 = time.perf_counter()
-        # The batch travels through the object store; the collective only carries its reference.
-        shared = [ray.put(collector.collect(iteration, version))] if rank == 0 else None
-        batch: Batch = ray.get(broadcast_from_rank_zero(shared)[0])
+        if world == 1:  # nobody to share it with: no object store, no collective
+            batch = collector.collect(iteration, version)
+        else:  # the batch travels through the object store; the collective only carries its reference
+            shared = [ray.put(collector.collect(iteration, version))] if rank == 0 else None
+            batch = ray.get(broadcast_from_rank_zero(shared)[0])
         t_learn = time.perf_counter()
         stats = update(learner, batch, rank, world, version)
         version += 1
@@ -350,7 +413,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if config.run.sample_every and (iteration + 1) % config.run.sample_every == 0:
                 metrics.write_samples(iteration, batch.episodes)  # what the policy says, not just its reward
             if (iteration + 1) % config.run.checkpoint_every == 0 or iteration + 1 == last:
-                save(config, loop_config, learner, model, iteration, version)
+                prefetched = collector.prefetched_state() if isinstance(collector, BatchCollector) else None
+                save(config, loop_config, learner, model, iteration, version, prefetched)
         ray.train.report({k: v for k, v in report.items() if isinstance(v, (int, float))})
 
     if rank == 0:

@@ -51,11 +51,13 @@ def load_lora(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
 
 
-def policy_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
-    """The weights every engine loads, under the base model's own names: for a LoRA model each
-    adapted weight is ``W + delta`` (peft's own delta, scaling included); otherwise the model's own."""
+def policy_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """The weights every engine loads, under the base model's own names, on the CPU (in ``dtype``
+    when given): for a LoRA model each adapted weight is ``W + delta`` (peft's own delta, scaling
+    included); otherwise the model's own tensors, which may share memory with the model: serialize
+    them (``ray.put``) or copy them before the next optimizer step."""
     if not is_lora(model):
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()

@@ -16,7 +16,13 @@ from torch import Tensor
 
 from ppg.config import LearnerConfig
 from ppg.episode import Episode, EpisodeBatch, collate
-from ppg.loss import clipped_surrogate_loss, kl_penalty, policy_gradient_loss, token_logprobs
+from ppg.loss import (
+    clipped_surrogate_loss,
+    importance_weights,
+    kl_penalty,
+    policy_gradient_loss,
+    token_logprobs,
+)
 from ppg.objectives import Objective
 
 
@@ -153,11 +159,16 @@ class PolicyLearner:
 
             weights = None
             if self.config.off_policy == "importance" and micro.behaviour_logprobs is not None:
-                # Truncated per-token importance weights pi_now / pi_behaviour for stale episodes.
-                ratio = torch.exp((logprobs.detach() - micro.behaviour_logprobs).clamp(max=20.0))
-                stale = agent if version is None else agent & (micro.policy_versions < version)[:, None]
-                clip = self.config.importance_clip
-                weights = torch.where(stale, ratio.clamp(max=clip), torch.ones_like(ratio))
+                # Truncated importance weights pi_now / pi_behaviour for stale episodes only.
+                stale = (
+                    torch.ones_like(micro.policy_versions, dtype=torch.bool)
+                    if version is None
+                    else micro.policy_versions < version
+                )
+                weights = importance_weights(
+                    logprobs, micro.behaviour_logprobs, agent, stale,
+                    self.config.importance_clip, self.config.importance_ratio,
+                )  # fmt: skip
 
             local = micro.token_ids.shape[0] if reduction == "sequence_mean" else tokens
             glob = global_episodes if reduction == "sequence_mean" else global_agent_tokens

@@ -25,7 +25,7 @@ from ppg.episode import Episode
 from ppg.ray_session import shareable_weights
 from ppg.rollout.engine import engine_actor_env
 from ppg.rollout.worker import RolloutRequest, RolloutResult, RolloutWorker
-from ppg.weights import Weights, check_weights_fit, tensor_shapes
+from ppg.weights import SharedWeights, Weights, check_weights_fit, tensor_shapes
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,15 @@ class RolloutPool:
         ref = shareable_weights(weights)
         with self._lock:
             self._weights, self.policy_version = ref, version
-            acks = self._call_every_worker("update_weights", version, ref)
+            own_copy = None
+            if isinstance(weights, SharedWeights):
+                # The learner owns that object and a learner that dies takes it along; workers
+                # started later need the weights, so the pool keeps a copy of its own, made while
+                # the workers load (not before, as when the pool was handed the state dict itself).
+                def own_copy() -> None:
+                    self._weights = ray.put(ray.get(ref))
+
+            acks = self._call_every_worker("update_weights", version, ref, meanwhile=own_copy)
         self._reconcile(wait=False)
         return acks
 
@@ -166,11 +174,14 @@ class RolloutPool:
         with self._lock:
             return self._call_every_worker("version")
 
-    def _call_every_worker(self, method: str, *args: Any) -> dict[str, Any]:
-        """Call ``method`` on every worker (caller holds the lock). A worker found dead here is
-        dropped, not fatal: a restarting learner's first call may race the death of a worker, and
-        the next reconcile launches its replacement, which gets the current weights before work."""
+    def _call_every_worker(self, method: str, *args: Any, meanwhile=None) -> dict[str, Any]:
+        """Call ``method`` on every worker (caller holds the lock); ``meanwhile()`` runs while they
+        work. A worker found dead here is dropped, not fatal: a restarting learner's first call may
+        race the death of a worker, and the next reconcile launches its replacement, which gets the
+        current weights before work."""
         refs = {name: getattr(actor, method).remote(*args) for name, actor in self.workers.items()}
+        if meanwhile is not None:
+            meanwhile()
         answers: dict[str, Any] = {}
         for name, ref in refs.items():
             try:
