@@ -86,13 +86,14 @@ def test_a_changed_code_default_is_a_clash_until_the_suite_pins_the_old_value(tm
     then = config_defaults()
     recorded = {**suite.model_dump(mode="json"), "defaults": then}
     assert suite.extends(recorded, then) == []
-    now = {**then, "learner.max_staleness": 1, "run.new_setting": True}  # a changed and a new default
+    was = then["learner.max_staleness"]
+    now = {**then, "learner.max_staleness": was + 1, "run.new_setting": True}  # a changed and a new default
     assert suite.extends(recorded, now) == ["base.learner.max_staleness"]
     pinned = Suite.model_validate(
-        {**suite.model_dump(mode="json"), "base": {**suite.base, "learner.max_staleness": 0}}
+        {**suite.model_dump(mode="json"), "base": {**suite.base, "learner.max_staleness": was}}
     )
     assert pinned.extends(recorded, now) == []
-    assert then["learner.max_staleness"] == 0 and then["objective.gamma"] == PPGConfig().objective.gamma
+    assert was == PPGConfig().learner.max_staleness and then["objective.gamma"] == PPGConfig().objective.gamma
 
 
 @pytest.mark.parametrize(
