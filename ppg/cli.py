@@ -189,6 +189,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ppg.evaluate import evaluate, summary_lines
 
+    from ppg.learner.checkpoint import validate_checkpoint
+
+    # Checked before the log folder is made under it: a mistyped path must not come into being.
+    validate_checkpoint(Path(args.checkpoint), require_trainer_state=False)
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     console.capture(out / "logs" / "console.log")
     console.say(f"[ppg eval] playing {args.checkpoint} and its initial policy on held-out personas ...")

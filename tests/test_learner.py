@@ -336,6 +336,7 @@ def test_train_cli_refuses_bad_config_and_missing_run(tmp_path):
         [exe, "eval", "--checkpoint", str(tmp_path / "nope")], capture_output=True, text=True, timeout=120
     )
     assert no_ckpt.returncode == 2 and "does not exist" in no_ckpt.stderr
+    assert not (tmp_path / "nope").exists(), "a mistyped checkpoint path must not come into being"
 
 
 def test_importance_weights_apply_only_to_stale_episodes(model_path, episodes):

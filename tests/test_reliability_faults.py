@@ -278,7 +278,8 @@ def test_killed_driver_resumes_exactly_like_the_run_it_was(run_with_a_killed_wor
 
     killed_log = (tmp_path / "killed.log").read_text()
     assert f"continue with: ppg train --resume {run}" in killed_log, "the killed run said how to go on"
-    log = killed_log + (tmp_path / "resumed.log").read_text()
+    # Ray's own lines go to the run's console log, not the terminal (ppg/console.py): read both
+    log = killed_log + (tmp_path / "resumed.log").read_text() + (run / "logs" / "console.log").read_text()
     assert "Token authentication is enabled" in log, "ppg train must leave Ray's token auth on"
     token = Path.home() / ".ray" / "auth_token"
     if token.is_file() and token.read_text().strip():
