@@ -188,7 +188,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from ppg.evaluate import evaluate, summary_lines
-
     from ppg.learner.checkpoint import validate_checkpoint
 
     # Checked before the log folder is made under it: a mistyped path must not come into being.
