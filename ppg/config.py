@@ -388,6 +388,17 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names each bad field path and what it accepts."""
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"run": {"seed": 0}}`` -> ``{"run.seed": 0}``: the dotted keys of overrides (trackers' parameters, a suite's recorded defaults)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_trainable(config: PPGConfig) -> PPGConfig:
     """Combinations that validate field by field but cannot train correctly; refused before any
     process starts (``ppg train``, every cell of ``ppg experiment``). ``ppg eval`` and ``ppg serve``

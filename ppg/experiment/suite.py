@@ -44,7 +44,7 @@ from pydantic import (
     model_validator,
 )
 
-from ppg.config import PPGConfig, check_trainable, load_config, parse_yaml
+from ppg.config import PPGConfig, check_trainable, flatten, load_config, parse_yaml
 from ppg.env.factory import check_environment
 from ppg.env.problems import problem_class
 from ppg.objectives import PolicyClass
@@ -218,17 +218,7 @@ class Suite(_Strict):
 
 def config_defaults() -> dict[str, Any]:
     """Every setting's default in this code, as dotted keys (what a suite's ``base`` overrides)."""
-
-    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            if isinstance(value, dict) and value:
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    return flat(PPGConfig().model_dump(mode="json"))
+    return flatten(PPGConfig().model_dump(mode="json"))
 
 
 def _yaml_value(v: Any) -> str:

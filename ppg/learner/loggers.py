@@ -17,26 +17,15 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from ppg.config import LOGGER_MODULES, ConfigError
+from ppg.config import LOGGER_MODULES, ConfigError, flatten
 
 
 class Sink(Protocol):
     def scalars(self, iteration: int, values: dict[str, float]) -> None: ...
     def text(self, iteration: int, name: str, text: str) -> None: ...
     def close(self) -> None: ...
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"run": {"seed": 0}}`` -> ``{"run.seed": 0}``: the config as the flat parameters trackers show."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class TensorBoardSink:
