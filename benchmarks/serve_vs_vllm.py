@@ -42,6 +42,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import chat_messages, free_port, percentile  # noqa: E402
 
+from ppg.files import atomic_save_figure, atomic_write_text  # noqa: E402
+
 ECHO = {
     "id": "echo",
     "object": "chat.completion",
@@ -260,7 +262,7 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle("ppg serve vs vLLM's OpenAI server (same checkpoint, max_tokens 16)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_save_figure(fig, path)
     plt.close(fig)
 
 
@@ -285,8 +287,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows, machine = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, machine, command)
-    (args.out / "serve_vs_vllm.md").write_text(text)
-    (args.out / "serve_vs_vllm.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=1))
+    atomic_write_text(args.out / "serve_vs_vllm.md", text)
+    atomic_write_text(
+        args.out / "serve_vs_vllm.json", json.dumps({"rows": rows, "machine": machine}, indent=1)
+    )
     plot(rows, args.out / "serve_vs_vllm.png")
     print(text)
     return rows
