@@ -176,22 +176,31 @@ def cmd_model_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # The cheap checks come before the driver's imports (Ray, transformers: seconds), so that a
+    # mistyped field or folder is answered at once; train() checks everything again, and more.
+    config = None
+    if args.resume:
+        from ppg.learner.checkpoint import require_checkpoints
+
+        load_config(Path(args.resume) / "config.yaml", args.overrides)
+        require_checkpoints(Path(args.resume))
+    else:
+        config = load_config(args.config, args.overrides)
     from ppg.driver import train
 
-    if args.resume:
-        run_dir = train(resume=args.resume, overrides=args.overrides)
-    else:
-        run_dir = train(load_config(args.config, args.overrides))
+    run_dir = train(config, resume=args.resume, overrides=args.overrides if args.resume else None)
     console.say(f"run folder: {run_dir}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ppg.evaluate import evaluate, summary_lines
     from ppg.learner.checkpoint import validate_checkpoint
 
-    # Checked before the log folder is made under it: a mistyped path must not come into being.
+    # Checked before the log folder is made under it (a mistyped path must not come into being),
+    # and before the evaluator's imports (seconds).
     validate_checkpoint(Path(args.checkpoint), require_trainer_state=False)
+    from ppg.evaluate import evaluate, summary_lines
+
     out = Path(args.out) if args.out else Path(args.checkpoint) / "eval"
     console.capture(out / "logs" / "console.log")
     console.say(f"[ppg eval] playing {args.checkpoint} and its initial policy on held-out personas ...")

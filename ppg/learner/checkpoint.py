@@ -24,14 +24,17 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from ppg.config import PPGConfig
 from ppg.files import fsync_dir, fsync_tree
 from ppg.learner.lora import ADAPTER, is_lora, save_policy
 from ppg.weights import tensor_shapes
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 POLICY, TRAINER_STATE, STATE, CONFIG = "policy", "trainer_state.pt", "state.json", "config.yaml"
 
@@ -66,6 +69,8 @@ def save_checkpoint(
         model.save_pretrained(tmp / ADAPTER)
     # The tokenizer as transformers writes it (not copied files): the same for a local folder of
     # any layout and for a hub model, whose files are nowhere under a path ppg knows.
+    from transformers import AutoTokenizer, PreTrainedTokenizerBase  # lazy: checks stay fast
+
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     tokenizer.save_pretrained(tmp / POLICY)
@@ -112,9 +117,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("iter_*") if p.is_dir()) if root.is_dir() else []
 
 
-def latest_checkpoint(run_dir: Path) -> Path:
-    """The newest checkpoint that passes ``validate_checkpoint``; newer damaged ones are skipped with
-    a warning (a resumed run then redoes their iterations, exactly)."""
+def require_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (a rename a crash interrupted is finished first); an error
+    naming the fix when there are none. Cheap: no weights are read."""
     _restore_swapped(checkpoint_dir(run_dir))
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -122,6 +127,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
             f"{run_dir} has no checkpoints (expected {checkpoint_dir(run_dir)}/iter_*); "
             "pass the folder of a run that saved at least one (run.checkpoint_every)"
         )
+    return checkpoints
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint that passes ``validate_checkpoint``; newer damaged ones are skipped with
+    a warning (a resumed run then redoes their iterations, exactly)."""
+    checkpoints = require_checkpoints(run_dir)
     problems = []
     for candidate in reversed(checkpoints):
         try:
