@@ -329,8 +329,16 @@ class RunConfig(Section):
         description="offline PPG: a ppg-episodes file (ppg collect) whose logged, judged episodes "
         "replace the rollouts: each iteration trains on rollout.episodes_per_iteration of them (whole "
         "groups, drawn from run.seed and the iteration), each turn's log-likelihood weighted by its "
-        "advantage without importance weights; weights still go to the rollout pool (final "
-        "evaluation, serving). None = online",
+        "advantage without importance weights (see run.offline_weighting); weights still go to the "
+        "rollout pool (final evaluation, serving). None = online",
+    )
+    offline_weighting: Literal["positive", "advantage"] = Field(
+        default="positive",
+        description="offline PPG's turn weights: positive = max(advantage, 0), a filtered reward-"
+        "weighted likelihood that reinforces better-than-baseline turns and never pushes a logged "
+        "turn's likelihood down, so the policy cannot drift off the data; advantage = the advantage "
+        "itself, the on-policy gradient's form, whose negative weights push logged turns down without "
+        "bound (measured: the policy falls below the data's own policy unless learner.kl_coef holds it)",
     )
     final_eval_episodes: int = Field(
         default=64,

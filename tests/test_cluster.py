@@ -144,7 +144,7 @@ def test_job_submission_trains_checkpoints_and_scales_rollouts(local_cluster, tm
     train = submit(
         local_cluster,
         "ppg", "train", "--config", "cluster/configs/local.yaml",
-        "run.iterations=4", "run.checkpoint_every=2", "run.keep_last=5",
+        "run.iterations=4", "run.checkpoint_every=2", "run.keep_last=5", "run.final_eval_episodes=0",
         "rollout.episodes_per_iteration=8", "rollout.group_size=4",
         "rollout.requests_per_worker=1", "rollout.max_tokens_per_turn=16",
         f"run.output_dir={output_dir}", "run.name=cluster-job",

@@ -201,7 +201,10 @@ def test_batches_are_whole_groups_and_depend_only_on_seed_and_iteration(tmp_path
         assert all(e.policy_version == i + 1 and e.logprobs is None for e in batch.episodes)
         origin = [source[tuple(e.token_ids)] for e in batch.episodes]
         assert origin[0] == origin[1] != origin[2] == origin[3], "whole groups of the file"
-        torch.testing.assert_close(batch.advantages, global_advantages(batch.episodes, config.objective))
+        # run.offline_weighting=positive (the default): the advantages clipped at 0
+        torch.testing.assert_close(
+            batch.advantages, global_advantages(batch.episodes, config.objective).clamp(min=0)
+        )
     epochs = [{source[tuple(e.token_ids)] for b in batches[k : k + 3] for e in b.episodes} for k in (0, 3)]
     assert all(len(groups) == 6 for groups in epochs), "an epoch's batches never repeat a group"
     assert epochs[0] != epochs[1] or batches[0].fingerprint != batches[3].fingerprint, (
@@ -259,18 +262,26 @@ def hand_advantages(episodes: list[Episode]) -> list[list[float]]:
     return out
 
 
-@pytest.mark.parametrize("reduction", ["sequence_mean", "token_mean"])
-def test_one_offline_update_is_the_reward_weighted_log_likelihood_gradient(tmp_path, reduction):
-    """grad = -(1/N) sum_episodes sum_turns advantage[t] * grad log pi(a_t|s_t), computed one episode at
-    a time with per-token autograd, equals the learner's batched offline update (no importance weight)."""
+@pytest.mark.parametrize(
+    "reduction,weighting",
+    [("sequence_mean", "advantage"), ("token_mean", "advantage"), ("sequence_mean", "positive")],
+)
+def test_one_offline_update_is_the_reward_weighted_log_likelihood_gradient(tmp_path, reduction, weighting):
+    """grad = -(1/N) sum_episodes sum_turns w[t] * grad log pi(a_t|s_t), computed one episode at a time
+    with per-token autograd, equals the learner's batched offline update (no importance weight); w is
+    the advantage, or the advantage clipped at 0 (run.offline_weighting)."""
     config = offline_config(
         toy_file(tmp_path / "e.jsonl", groups=4),
         "objective.policy_class.type=full",
         "objective.baseline.type=group_mean",
         f"learner.loss_reduction={reduction}",
+        f"run.offline_weighting={weighting}",
     )
     batch = OfflineCollector(config).collect(iteration=1, version=3)
     expected = hand_advantages(batch.episodes)
+    if weighting == "positive":
+        assert any(a < 0 for row in expected for a in row), "the toy batch must have turns to clip"
+        expected = [[max(a, 0.0) for a in row] for row in expected]
     torch.testing.assert_close(batch.advantages, torch.tensor(expected))
 
     direct_model = tiny_model()

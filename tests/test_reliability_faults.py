@@ -47,6 +47,7 @@ RUN = [
     "run.iterations=2",
     "run.checkpoint_every=1",
     "run.keep_last=5",
+    "run.final_eval_episodes=0",  # nothing here reads the end-of-run evaluation
 ]
 
 

@@ -53,6 +53,7 @@ def test_train_with_serve_enabled_serves_the_live_policy(ray_cluster, tmp_path):
         [
             "run.iterations=4",
             "run.checkpoint_every=4",
+            "run.final_eval_episodes=0",
             "rollout.episodes_per_iteration=8",
             "rollout.max_tokens_per_turn=8",
             "serve.enabled=true",

@@ -207,7 +207,9 @@ class OfflineCollector(PoolWeights):
     it; iteration i is batch i mod (groups // batch groups) of epoch i div that, so its batch depends
     only on (seed, i) and a resumed run sees exactly its killed twin's batches. Each episode is
     stamped with the learner's version and no log-probs: the update is the reward-weighted
-    log-likelihood sum_t advantage[t] * log pi(a_t|s_t), without importance weights."""
+    log-likelihood sum_t w[t] * log pi(a_t|s_t), without importance weights, where w is the advantage
+    clipped at 0 (``run.offline_weighting=positive``; off-policy data gives no licence to push a turn
+    down, only to prefer the better ones) or the advantage itself."""
 
     def __init__(self, config: PPGConfig) -> None:
         super().__init__(config)
@@ -234,9 +236,12 @@ class OfflineCollector(PoolWeights):
             for g, index in enumerate(self.groups_for(iteration))
             for e in self.groups[index]
         ]
+        advantages = global_advantages(episodes, self.config.objective)
+        if self.config.run.offline_weighting == "positive":
+            advantages = advantages.clamp(min=0.0)
         return Batch(
             episodes,
-            global_advantages(episodes, self.config.objective),
+            advantages,
             0,
             batch_fingerprint(episodes),
             {"rollout": time.perf_counter() - start, "generate": 0.0, "environment": 0.0},
