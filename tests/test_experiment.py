@@ -24,7 +24,7 @@ from ppg.experiment.selector import (
     per_turn_gradients,
     select_class,
 )
-from ppg.experiment.suite import Suite, SuiteError, config_defaults, load_suite
+from ppg.experiment.suite import ProblemEntry, Suite, SuiteError, config_defaults, load_suite
 from ppg.learner.update import global_advantages
 from ppg.loss import policy_gradient_loss, token_logprobs
 from ppg.models import resolve_model
@@ -77,6 +77,20 @@ def test_a_suite_may_add_to_a_folder_but_not_change_what_ran(tmp_path):
     assert changed.extends(recorded) == ["base"]
     other = Suite.model_validate({**recorded, "methods": {**recorded["methods"], "greedy": {"type": "full"}}})
     assert other.extends(recorded) == ["methods.greedy"]
+    # a problem's method list may gain methods (new rows), not lose them or change anything else
+    listed = Suite.model_validate(
+        {**recorded, "problems": {"myopic": {"target_reward": 0.1, "methods": ["full"]}}}
+    )
+    grown = listed.model_copy(
+        update={"problems": {"myopic": ProblemEntry(target_reward=0.1, methods=["full", "greedy"])}}
+    )
+    assert grown.extends(listed.model_dump(mode="json")) == []
+    assert listed.extends(grown.model_dump(mode="json")) == ["problems.myopic"]
+    retargeted = grown.model_copy(
+        update={"problems": {"myopic": ProblemEntry(target_reward=0.2, methods=["full", "greedy"])}}
+    )
+    assert retargeted.extends(grown.model_dump(mode="json")) == ["problems.myopic"]
+    assert listed.extends(recorded) == ["problems.myopic"]  # all methods -> a subset
 
 
 def test_a_changed_code_default_is_a_clash_until_the_suite_pins_the_old_value(tmp_path):

@@ -210,10 +210,21 @@ class Suite(_Strict):
             ]
         elif recorded.get("base") != now["base"]:
             clashes.append("base")
-        for section in ("methods", "problems"):
-            old, new = recorded.get(section, {}), now[section]
-            clashes += [f"{section}.{k}" for k in set(old) & set(new) if old[k] != new[k]]
+        old, new = recorded.get("methods", {}), now["methods"]
+        clashes += [f"methods.{k}" for k in set(old) & set(new) if old[k] != new[k]]
+        old, new = recorded.get("problems", {}), now["problems"]
+        clashes += [f"problems.{k}" for k in set(old) & set(new) if not _extends_problem(old[k], new[k])]
         return sorted(clashes)
+
+
+def _extends_problem(old: dict, new: dict) -> bool:
+    """The same problem entry, or one whose method list only gained methods (new rows of a table)."""
+    rest = lambda entry: {k: v for k, v in entry.items() if k != "methods"}  # noqa: E731
+    if rest(old) != rest(new):
+        return False
+    if old.get("methods") is None or new.get("methods") is None:
+        return old.get("methods") == new.get("methods")
+    return set(old["methods"]) <= set(new["methods"])
 
 
 def config_defaults() -> dict[str, Any]:
