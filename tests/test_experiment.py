@@ -14,7 +14,7 @@ import torch
 from conftest import scripted_episodes
 from transformers import AutoModelForCausalLM
 
-from ppg.config import PPGConfig
+from ppg.config import PPGConfig, load_config
 from ppg.episode import collate
 from ppg.experiment.report import episodes_to_target, interval, paired_test
 from ppg.experiment.selector import (
@@ -295,7 +295,7 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
             "problems": {"myopic": {"target_gain": 0.01}},
             "seeds": [0],
             "eval_episodes": 8,
-            "selector": {"pilot_episodes": 8},
+            "selector": {"pilot_episodes": 8, "reselect_every": 1},
         }
     )
     out = run_suite(suite, tmp_path / "grid")
@@ -315,8 +315,18 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     assert scores["initial"]["policy_version"] == 0 and scores["full"]["policy_version"] == 2
     assert read_metrics(cell_dir(out, "myopic", "ppo", 0))[-1]["ppo_clip_fraction"] >= 0
     assert offline_data_path(out, "myopic", 0).is_file()  # 2 x 8 logged episodes of the initial policy
+    # the selector re-picked at its own policy after iteration 1, on fresh pilot conversations, and
+    # trained iteration 2 with that pick: one run, continued exactly (versions 0 -> 1 -> 2)
+    phases = json.loads((out / "pilots" / "myopic-seed0-selector.json").read_text())["phases"]
+    assert [p["from_iteration"] for p in phases] == [0, 1] and phases[0]["selected"] == pilot["selected"]
+    assert all(p["episodes"] == 8 and set(p["scores"]) == {"full", "greedy"} for p in phases)
+    chosen = cell_dir(out, "myopic", "selector", 0)
+    assert [r["policy_version"] for r in read_metrics(chosen)] == [1, 2]
+    assert load_config(chosen / "config.yaml").objective.policy_class.type == phases[1]["selected"]
+    assert scores["selector"]["policy_version"] == 2
     table = (out / "results.md").read_text()
     assert "| myopic | " in table and "initial" in table and "selector" in table
+    assert f"| {phases[0]['selected']}>{phases[1]['selected']} | 16 |" in table, "picks and pilot cost shown"
     rows = {r["class"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert {"heldout_reward", "heldout_ci95", "paired_diff", "paired_p", "compared_with"} <= set(rows["full"])
     assert float(rows["full"]["heldout_reward"]) == pytest.approx(scores["full"]["reward_mean"])

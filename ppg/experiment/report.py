@@ -9,9 +9,10 @@ the last ``FINAL_WINDOW`` iterations (training personas), episodes until the tra
 averaged over ``SMOOTH`` iterations, first reaches the problem's target, and the pilot's gradient
 statistics (expected cosine with the full-return gradient at the batch size: the selector's score).
 
-The selector's row is its own runs (its pick per seed, trained with an independent seed), compared
-in pairs with the best fixed method and with full planning. The best fixed method is picked after
-the fact by its held-out mean, so that comparison flatters the fixed methods, not the selector.
+The selector's row is its own runs (its picks per seed, trained with an independent seed; with
+``selector.reselect_every`` it re-picks at its own policy), compared in pairs with full planning and
+with the best fixed class chosen on the *other* seeds (leave one seed out), so that neither side is
+picked by the noise of the seed it is compared on. Its pilot episodes are listed: they are its cost.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from ppg.console import say
 from ppg.evaluate import mean_interval, t_test_p
-from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path
+from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path, selector_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
 from ppg.learner.metrics import read_metrics
 
@@ -154,32 +155,62 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
                 }
             )
 
+    selector = selector_summary(suite, out, heldout, pilots)
+    return rows, selector, curves, targets, heldout
+
+
+def selector_summary(suite: Suite, out: Path, heldout: dict, pilots: dict) -> list[dict]:
+    """The selector's runs in pairs against the best fixed class *chosen without the seed compared*
+    (leave one seed out: the class a user who had run the other seeds would pick; a choice in
+    hindsight would flatter the fixed classes by the noise of the pick) and against full planning.
+    Also its picks per seed (phase by phase) and its pilots' episodes, which it pays for."""
     selector = []
     for problem in suite.problems:
         ours = heldout.get((problem, SELECTOR))
         if not ours:
             continue
-        fixed = [r for r in rows if r["problem"] == problem and r["class"] not in (SELECTOR, INITIAL)]
-        complete = [r for r in fixed if r["seeds"] == len(suite.seeds)]
-        best = max(complete, key=lambda r: r["heldout_reward"]) if complete else None
+        complete = [
+            c
+            for c in suite.selector_candidates(problem)
+            if len(heldout.get((problem, c), {})) == len(suite.seeds)
+        ]
+        chosen: dict[int, str] = {}
+        for s in ours:
+            others = [t for t in suite.seeds if t != s]
+            if complete and others:
+                chosen[s] = max(
+                    complete, key=lambda c: statistics.fmean(heldout[problem, c][t] for t in others)
+                )
+        picks, cost = [], 0
+        for s in suite.seeds:
+            record = selector_path(out, problem, s)
+            if record.is_file():
+                phases = json.loads(record.read_text())["phases"]
+                picks.append(">".join(p["selected"] for p in phases))
+                cost += sum(p["episodes"] for p in phases)
+            elif (problem, s) in pilots:
+                picks.append(pilots[problem, s]["selected"])
+                cost += pilots[problem, s]["episodes"]
+        mean, half = interval(list(ours.values()))
         entry = {
             "problem": problem,
-            "picks": ", ".join(
-                f"{pilots[problem, s]['selected']}" for s in suite.seeds if (problem, s) in pilots
-            ),
-            "selector_heldout": interval(list(ours.values()))[0],
-            "selector_ci95": interval(list(ours.values()))[1],
-            "best_fixed": best["class"] if best else "",
+            "picks": ", ".join(picks),
+            "pilot_episodes": cost / max(len(picks), 1),
+            "selector_heldout": mean,
+            "selector_ci95": half,
+            "best_fixed": ", ".join(chosen[s] for s in sorted(chosen)),
         }
-        for name, row in (("best_fixed", best["class"] if best else None), ("full", "full")):
-            test = paired_test(ours, heldout.get((problem, row), {})) if row else paired_test({}, {})
+        versus = {"best_fixed": {s: heldout[problem, c][s] for s, c in chosen.items()}}
+        versus["full"] = heldout.get((problem, "full"), {})
+        for name, theirs in versus.items():
+            test = paired_test(ours, theirs)
             entry |= {
                 f"vs_{name}_diff": test["diff"],
                 f"vs_{name}_ci95": test["ci95"],
                 f"vs_{name}_p": test["p"],
             }
         selector.append(entry)
-    return rows, selector, curves, targets, heldout
+    return selector
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -221,13 +252,14 @@ def markdown(rows: list[dict], selector: list[dict]) -> str:
     if selector:
         lines += [
             "",
-            "| problem | selector's picks (per seed) | selector held-out | best fixed (in hindsight) | "
-            "selector - best fixed | selector - full |",
-            "|---|---|---|---|---|---|",
+            "| problem | selector's picks (per seed; > = a re-pick) | pilot episodes per run | selector held-out | "
+            "best fixed class (chosen on the other seeds) | selector - that class | selector - full |",
+            "|---|---|---:|---|---|---|---|",
         ]
         for s in selector:
             lines.append(
-                f"| {s['problem']} | {s['picks']} | {fmt(s['selector_heldout'])} ± {fmt(s['selector_ci95'])} | "
+                f"| {s['problem']} | {s['picks']} | {fmt(s['pilot_episodes'], 0)} | "
+                f"{fmt(s['selector_heldout'])} ± {fmt(s['selector_ci95'])} | "
                 f"{s['best_fixed']} | {signed(s['vs_best_fixed_diff'], s['vs_best_fixed_ci95'], s['vs_best_fixed_p'])} | "
                 f"{signed(s['vs_full_diff'], s['vs_full_ci95'], s['vs_full_p'])} |"
             )

@@ -4,6 +4,7 @@ Layout of the output folder (``--out``, default ``experiments/results/<suite nam
 
     suite.json                               the suite as run (a later suite may only add to it)
     pilots/<problem>-seed<s>.json            per-class gradient statistics, the selector's pick
+    pilots/<problem>-seed<s>-selector.json   the selector run's picks (one per reselect_every iterations)
     offline/<problem>-seed<s>.jsonl          the initial policy's logged conversations (offline methods)
     runs/<problem>/<row>/seed<s>/            an ordinary ppg run folder (metrics, checkpoints) ...
     runs/<problem>/<row>/seed<s>/heldout.json  ... its held-out evaluation: the score of the run
@@ -48,6 +49,7 @@ from ppg.experiment.suite import (
     config_defaults,
     offline_data_path,
     pilot_path,
+    selector_path,
 )
 from ppg.files import atomic_write_text
 from ppg.learner.checkpoint import STATE, latest_checkpoint, list_checkpoints
@@ -99,11 +101,15 @@ def _record_suite(suite: Suite, out: Path) -> None:
     atomic_write_text(recorded, json.dumps(merged, indent=1, sort_keys=True))
 
 
-def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> dict:
-    """Sample the pilot batch at the initial policy and measure every class's gradient on it."""
+def run_pilot(
+    suite: Suite, problem: str, seed: int, pool, policy_path: str, phase: int = 0, version: int = 0
+) -> dict:
+    """Sample a pilot batch at ``policy_path`` (phase 0: the initial policy; phase k: the selector's
+    policy after k * ``selector.reselect_every`` iterations, on fresh conversations) and measure every
+    candidate class's gradient on it."""
     config = suite.config(problem, None, seed)
     r = config.rollout
-    ray.get(pool.reconfigure.remote(config, 0, policy_path))
+    ray.get(pool.reconfigure.remote(config, version, policy_path))
     personas, _ = split_personas(load_personas(config.problem.personas_file))
     n = suite.selector.pilot_episodes
     n -= n % r.group_size
@@ -112,8 +118,8 @@ def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> 
         n,
         r.group_size,
         num_requests=r.num_workers * r.requests_per_worker,
-        seed=seed * 1_000_003 + PILOT_ITERATION,
-        first_request_id=PILOT_ITERATION * 10_000,
+        seed=seed * 1_000_003 + PILOT_ITERATION + phase,
+        first_request_id=(PILOT_ITERATION + phase) * 10_000,
     )
     episodes = ray.get(pool.episodes.remote(requests))
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
@@ -126,6 +132,7 @@ def run_pilot(suite: Suite, problem: str, seed: int, pool, policy_path: str) -> 
     return {
         "problem": problem,
         "seed": seed,
+        "phase": phase,
         "episodes": len(episodes),
         "batch_size": batch,
         "pilot_reward": sum(x for e in episodes for x in e.rewards) / sum(e.num_turns for e in episodes),
@@ -194,20 +201,79 @@ def offline_data(suite: Suite, problem: str, seed: int, out: Path, pool, policy_
 
 
 def run_cell(
-    suite: Suite, problem: str, label: str, seed: int, out: Path, pool, config: PPGConfig | None = None
+    suite: Suite,
+    problem: str,
+    label: str,
+    seed: int,
+    out: Path,
+    pool,
+    config: PPGConfig | None = None,
 ) -> None:
     """Train one cell (or finish it from its checkpoint), then its held-out evaluation."""
     run_dir = cell_dir(out, problem, label, seed)
+    train_cell(run_dir, pool, config or suite.config(problem, label, seed))
+    evaluate_cell(suite, problem, label, seed, run_dir, pool)
+
+
+def train_cell(run_dir: Path, pool, config: PPGConfig, resume_overrides: list[str] | None = None) -> None:
+    """``config``'s run into ``run_dir``, or the rest of it from its newest checkpoint (exact)."""
     if run_dir.exists() and list_checkpoints(run_dir):
-        train(resume=run_dir, pool=pool)
-    else:
-        if run_dir.exists():  # interrupted before its first checkpoint: start the cell over
-            shutil.rmtree(run_dir)
-        config = config or suite.config(problem, label, seed)
-        config = config.model_copy(
-            update={"run": config.run.model_copy(update={"output_dir": run_dir.parent})}
+        train(resume=run_dir, pool=pool, overrides=resume_overrides)
+        return
+    if run_dir.exists():  # interrupted before its first checkpoint: start the cell over
+        shutil.rmtree(run_dir)
+    config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": run_dir.parent})})
+    train(config, run_dir=run_dir, pool=pool, final_eval=False)
+
+
+def run_selector(suite: Suite, problem: str, seed: int, out: Path, pool) -> None:
+    """The selector's own run. It trains the pick of the initial policy's pilot; with
+    ``selector.reselect_every`` = N it samples a fresh pilot batch at its own policy every N
+    iterations and continues (``--resume``: exact, the learner's state carried over) with that
+    pilot's pick, so the class can follow the policy. The pilots' episodes are its cost: recorded
+    with the picks in ``pilots/<problem>-seed<s>-selector.json`` and shown in the table. (A
+    ``cosine`` lr schedule would restart its horizon per phase: the suites use a constant one.)"""
+    run_dir = cell_dir(out, problem, SELECTOR, seed)
+    record = selector_path(out, problem, seed)
+    phases = json.loads(record.read_text())["phases"] if record.is_file() else []
+    total = suite.config(problem, None, seed).run.iterations
+    every = suite.selector.reselect_every or total
+    while True:
+        latest = latest_checkpoint(run_dir) if run_dir.exists() and list_checkpoints(run_dir) else None
+        state = json.loads((latest / STATE).read_text()) if latest else {"iteration": 0, "policy_version": 0}
+        if state["iteration"] >= total:
+            break
+        k = state["iteration"] // every
+        if k >= len(phases):  # phase 0's pilot is the one every class's statistics come from
+            pilot = (
+                run_pilot(suite, problem, seed, pool, str(latest / "policy"), k, state["policy_version"])
+                if k
+                else json.loads(pilot_path(out, problem, seed).read_text())
+            )
+            scores = {c: v["expected_cosine"] for c, v in pilot["classes"].items()}
+            phases.append(
+                {
+                    "from_iteration": k * every,
+                    "selected": pilot["selected"],
+                    "episodes": pilot["episodes"],
+                    "scores": scores,
+                }
+            )
+            atomic_write_text(
+                record, json.dumps({"problem": problem, "seed": seed, "phases": phases}, indent=1)
+            )
+        pick, target = phases[k]["selected"], min((k + 1) * every, total)
+        config = suite.selector_config(problem, pick, seed)
+        config = config.model_copy(update={"run": config.run.model_copy(update={"iterations": target})})
+        policy_class = json.dumps(config.objective.policy_class.model_dump(mode="json"))
+        train_cell(
+            run_dir, pool, config, [f"run.iterations={target}", f"objective.policy_class={policy_class}"]
         )
-        train(config, run_dir=run_dir, pool=pool, final_eval=False)
+    evaluate_cell(suite, problem, SELECTOR, seed, run_dir, pool)
+
+
+def evaluate_cell(suite: Suite, problem: str, label: str, seed: int, run_dir: Path, pool) -> None:
+    """The held-out evaluation of a trained cell's final policy; ``done.json`` last."""
     final = latest_checkpoint(run_dir)
     version = json.loads((final / STATE).read_text())["policy_version"]
     config = load_config(run_dir / "config.yaml")
@@ -255,10 +321,7 @@ def run_suite(suite: Suite, out: Path) -> Path:
             elif kind == "initial":
                 run_initial(suite, problem, seed, out, pool, policy_path)
             elif kind == "selector":
-                pick = json.loads(pilot_path(out, problem, seed).read_text())["selected"]
-                run_cell(
-                    suite, problem, SELECTOR, seed, out, pool, suite.selector_config(problem, pick, seed)
-                )
+                run_selector(suite, problem, seed, out, pool)
             else:
                 config = suite.config(problem, label, seed)
                 if suite.methods[label].offline:

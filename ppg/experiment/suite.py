@@ -103,6 +103,11 @@ SELECTOR_SEED_OFFSET = 1000  # the selector's runs train with seed + this: indep
 
 class SelectorSpec(_Strict):
     pilot_episodes: PositiveInt = Field(default=64, description="episodes in the pilot batch")
+    reselect_every: PositiveInt | None = Field(
+        default=None,
+        description="the selector's run pilots again at its own policy every this many iterations "
+        "and may change class; None = one pick, at the initial policy",
+    )
 
 
 class Suite(_Strict):
@@ -264,6 +269,11 @@ def cell_dir(out: Path, problem: str, label: str, seed: int) -> Path:
 
 def pilot_path(out: Path, problem: str, seed: int) -> Path:
     return out / "pilots" / f"{problem}-seed{seed}.json"
+
+
+def selector_path(out: Path, problem: str, seed: int) -> Path:
+    """The selector run's phases: from which iteration it trained which pick, and its pilots' cost."""
+    return out / "pilots" / f"{problem}-seed{seed}-selector.json"
 
 
 def offline_data_path(out: Path, problem: str, seed: int) -> Path:
