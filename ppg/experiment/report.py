@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import statistics
 from pathlib import Path
 
@@ -79,6 +80,17 @@ def target(suite: Suite, problem: str, pilots: dict) -> float:
 
 def _mean_of(values: list[float]) -> float:
     return statistics.fmean(values) if values else NAN
+
+
+def bootstrap_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of ``values`` (here: one pilot estimate per
+    seed, each from its own pilot batch, so the seeds are independent draws). With 5 seeds the
+    percentile interval is a little too narrow; it shows the spread that a single number hides."""
+    if len(values) < 2:
+        return NAN, NAN
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, dict, dict]:
@@ -148,12 +160,17 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
                     "ci95": train_half,
                     "episodes_to_target": _mean_of(reached),
                     "reached_target": f"{len(reached)}/{len(runs)}" if runs else "-",
-                    "grad_expected_cosine": _mean_of([x["expected_cosine"] for x in stats]),
-                    "grad_variance": _mean_of([x["variance"] for x in stats]),
-                    "grad_bias_sq": _mean_of([x["bias_sq"] for x in stats]),
                     "grad_mse": _mean_of([x["mse"] for x in stats]),
                 }
             )
+            for name, key in (
+                ("grad_expected_cosine", "expected_cosine"),
+                ("grad_variance", "variance"),
+                ("grad_bias_sq", "bias_sq"),
+            ):
+                values = [x[key] for x in stats]
+                low, high = bootstrap_interval(values)
+                rows[-1] |= {name: _mean_of(values), f"{name}_lo": low, f"{name}_hi": high}
 
     selector = selector_summary(suite, out, heldout, pilots)
     return rows, selector, curves, targets, heldout
@@ -221,6 +238,12 @@ def fmt_g(x: float) -> str:
     return "-" if math.isnan(x) else f"{x:.3g}"
 
 
+def with_interval(row: dict, name: str, form) -> str:
+    low, high = row.get(f"{name}_lo", NAN), row.get(f"{name}_hi", NAN)
+    interval_text = "" if math.isnan(low) else f" [{form(low)}, {form(high)}]"
+    return form(row[name]) + interval_text
+
+
 def signed(mean: float, half: float, p: float | None = None) -> str:
     if math.isnan(mean):
         return "-"
@@ -246,8 +269,8 @@ def markdown(rows: list[dict], selector: list[dict]) -> str:
         lines.append(
             f"| {r['problem']} | {name} | {fmt(r['heldout_reward'])} ± {fmt(r['heldout_ci95'])} (n={r['seeds']}) | "
             f"{versus} | {fmt(r['final_reward'])} ± {fmt(r['ci95'])} | {fmt(r['episodes_to_target'], 0)} | "
-            f"{r['reached_target']} | {fmt(r['grad_expected_cosine'])} | {fmt_g(r['grad_variance'])} | "
-            f"{fmt_g(r['grad_bias_sq'])} |"
+            f"{r['reached_target']} | {with_interval(r, 'grad_expected_cosine', fmt)} | "
+            f"{with_interval(r, 'grad_variance', fmt_g)} | {with_interval(r, 'grad_bias_sq', fmt_g)} |"
         )
     if selector:
         lines += [
@@ -322,14 +345,36 @@ def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, heldout: d
     with_stats = [r for r in rows if not math.isnan(r["grad_variance"])]
     if not with_stats:
         return
-    fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.4), squeeze=False)
-    for ax, problem in zip(axes[0], problems, strict=True):
+    panels = (
+        ("grad_expected_cosine", "expected cosine with full gradient", False),
+        ("grad_variance", "gradient variance per episode", True),
+        ("grad_bias_sq", "bias² vs full-return gradient", True),
+    )
+    fig, axes = plt.subplots(len(panels), len(problems), figsize=(4.5 * len(problems), 9), squeeze=False)
+    for column, problem in enumerate(problems):
         prs = [r for r in with_stats if r["problem"] == problem]
-        ax.bar([r["class"] for r in prs], [r["grad_expected_cosine"] for r in prs])
-        ax.set_ylim(min(0.0, *[r["grad_expected_cosine"] for r in prs]) if prs else 0, 1)
-        ax.set_title(problem)
-        ax.set_ylabel("expected cosine with full gradient")
-    fig.suptitle("pilot: how well each class's batch gradient points along the full-return gradient")
+        for ax, (name, label, log) in zip(axes[:, column], panels, strict=True):
+            values = [r[name] for r in prs]
+            errors = [
+                [
+                    max(0.0, v - r[f"{name}_lo"]) if not math.isnan(r[f"{name}_lo"]) else 0.0
+                    for v, r in zip(values, prs, strict=True)
+                ],
+                [
+                    max(0.0, r[f"{name}_hi"] - v) if not math.isnan(r[f"{name}_hi"]) else 0.0
+                    for v, r in zip(values, prs, strict=True)
+                ],
+            ]
+            ax.bar([r["class"] for r in prs], values, yerr=errors, capsize=3, alpha=0.8)
+            if log and any(v > 0 for v in values):
+                ax.set_yscale("symlog", linthresh=max(1e-3, min([v for v in values if v > 0])))
+            ax.set_ylabel(label, fontsize=8)
+            ax.tick_params(axis="x", labelsize=8)
+        axes[0, column].set_title(problem)
+    fig.suptitle(
+        "pilot batches at the initial policy: direction, variance and bias of each class's gradient\n"
+        "(mean over seeds; bars: 95% bootstrap interval over the seeds' pilots)"
+    )
     fig.tight_layout()
     atomic_save_figure(fig, out / "gradient_variance.png")
     plt.close(fig)
