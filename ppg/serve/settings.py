@@ -29,7 +29,7 @@ class ServeSettings(ServeConfig):
     # from ModelConfig / RolloutConfig (the engine)
     max_model_len: PositiveInt = 1024
     dtype: str = "float32"
-    kv_cache_gib: float = Field(default=1.0, ge=0)
+    kv_cache_gib: float | None = Field(default=None, ge=0, description="as rollout.kv_cache_gib")
     trust_remote_code: bool = False
     seed: int = 0
     # the chat page (/) and the training page (/live): ppg/serve/ui.py
