@@ -24,6 +24,9 @@ is recorded per row. Every figure is a ratio against its baseline from the same 
 out or failed is written as "not measured (why)", never dropped. The episodes section runs first,
 for every size: Ray must start before any vLLM engine in this process (see rollout.py).
 
+The table and figure are drawn by scaling_report.py; each size's full ppg vs TRL report goes beside
+them as scaling_trl_<size>.md.
+
     python benchmarks/scaling.py                        # writes benchmarks/results/scaling.{csv,md,png}
     python benchmarks/scaling.py --sizes 1m --trl-budget-s 20       # quicker
 """
@@ -51,7 +54,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text  # noqa: E402
+from ppg.files import atomic_write_csv  # noqa: E402
 from ppg.models.tiny import TinyModelSpec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,6 +68,7 @@ PLAIN_STEP, PPG_STEP = "plain forward/backward + AdamW", "ppg learner update"
 CLONE = "state dict clone (in memory)"
 WEIGHT_CASES = (CLONE, "transformers load_state_dict (in memory)", "vllm update_weights (state dict)")
 TRL_SIDE, PPG_SIDE = "TRL GRPOTrainer", "ppg train"
+CASES = {"learner": [PLAIN_STEP, PPG_STEP], "weights": list(WEIGHT_CASES), "episodes": [TRL_SIDE, PPG_SIDE]}
 TRL_ARGS = "--calibration-iterations 3 --eval-episodes 16"  # short: a speed comparison, not a study
 FIELDS = [  # ratio: value / the baseline's value, same model and run
     "model", "parameters", "section", "case", "value", "unit", "min", "max", "repeats", "baseline", "ratio",
@@ -138,38 +142,19 @@ def blank(model: str, parameters: int, section: str, case: str, **values) -> dic
 
 def from_rollout(r: dict, model: str, parameters: int, section: str) -> dict:
     """A row of rollout.py's ``row`` (its own fields) as one of this table's."""
-    keep = (
-        "case",
-        "value",
-        "unit",
-        "min",
-        "max",
-        "repeats",
-        "tokens_per_prompt",
-        "torch_threads",
-        "load_1min",
-    )
-    return blank(model, parameters, section, r["case"], **{k: r[k] for k in keep if k != "case"})
+    keep = ("value", "unit", "min", "max", "repeats", "tokens_per_prompt", "torch_threads", "load_1min")
+    return blank(model, parameters, section, r["case"], **{k: r[k] for k in keep})
 
 
 def cases_of(section: str, args) -> list[str]:
     """Every case a section measures, baselines first (the rows a skipped section still gets)."""
     if section == "generation":
         return [f"{e} batch={b}" for b in args.batch_sizes for e in ("transformers", "vllm")]
-    return {
-        "learner": [PLAIN_STEP, PPG_STEP],
-        "weights": list(WEIGHT_CASES),
-        "episodes": [TRL_SIDE, PPG_SIDE],
-    }[section]
+    return CASES[section]
 
 
 def baseline_of(section: str, case: str) -> str | None:
-    base = {
-        "generation": "transformers batch=" + case.rpartition("=")[2],
-        "learner": PLAIN_STEP,
-        "weights": CLONE,
-        "episodes": TRL_SIDE,
-    }[section]
+    base = f"transformers batch={case.rpartition('=')[2]}" if section == "generation" else CASES[section][0]
     return None if base == case else base
 
 
@@ -233,12 +218,8 @@ def learner_cases(folder: Path, episodes: list) -> dict:
     config = load_config(None, [])
     c = config.learner
     tokens = sum(sum(e.agent_mask) for e in episodes)
-    learner = PolicyLearner(
-        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
-        config.objective,
-        c,
-        config.run.iterations,
-    )
+    policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    learner = PolicyLearner(policy, config.objective, c, config.run.iterations)
 
     def ppg_update():
         advantages = global_advantages(episodes, config.objective)
@@ -391,14 +372,10 @@ def run(args) -> list[dict]:
                 ray.shutdown()
     inner = sections - {"episodes"}
     if inner:
-        per_size = 0
-        if "generation" in inner:
-            per_size += 2 * len(args.batch_sizes) * args.repeats
-        if "weights" in inner:
-            per_size += len(WEIGHT_CASES) * args.weight_repeats
-        if "learner" in inner:
-            per_size += 2 * args.learner_repeats
-        progress = tqdm(total=per_size * len(args.sizes), desc="scaling, in process", unit="call")
+        calls = {"generation": 2 * len(args.batch_sizes) * args.repeats, "learner": 2 * args.learner_repeats}
+        calls["weights"] = len(WEIGHT_CASES) * args.weight_repeats
+        total = sum(calls[s] for s in inner) * len(args.sizes)
+        progress = tqdm(total=total, desc="scaling, in process", unit="call")
         for size in args.sizes:
             log(k, "generation, weights, learner", size)
             names = [s for s in SECTIONS if s in inner]
@@ -412,141 +389,7 @@ def run(args) -> list[dict]:
     return add_ratios(rows)
 
 
-# --- output --------------------------------------------------------------------------------------
-
-
-def crossing(points: list[tuple[int, str, float]]) -> str:
-    """Where a ratio (sorted by parameters) rises past 1 for good, interpolated log-log between the
-    two sizes around it: the size from which the candidate beats its baseline."""
-    if not points:
-        return "not measured"
-    listed = ", ".join(f"{m} {r:.2f}x" for _, m, r in points)
-    first = next((i for i in range(len(points)) if all(r > 1 for _, _, r in points[i:])), None)
-    if first is None:
-        return f"{listed}: vLLM is not ahead at the largest size measured"
-    if first == 0:
-        return f"{listed}: vLLM is ahead at every size measured, from {points[0][1]} on"
-    (pa, ma, ra), (pb, mb, rb) = points[first - 1], points[first]
-    t = -math.log(ra) / (math.log(rb) - math.log(ra)) if rb != ra else 0.0
-    at = math.exp(math.log(pa) + t * (math.log(pb) - math.log(pa)))
-    return f"{listed}: vLLM pulls ahead between {ma} and {mb}, near {at / 1e6:.2g}M parameters (log-log)"
-
-
-def advantage_lines(rows: list[dict], batch_sizes: list[int]) -> list[str]:
-    lines = []
-    for b in batch_sizes:
-        points = sorted(
-            (r["parameters"], r["model"], r["ratio"])
-            for r in rows
-            if r["case"] == f"vllm batch={b}" and r["ratio"] != ""
-        )
-        lines.append(f"- batch {b}: {crossing(points)}")
-    return lines
-
-
-def fmt(x) -> str:
-    if x == "":
-        return ""
-    return f"{x:.4g}" if abs(x) < 1000 else f"{x:,.0f}"
-
-
-def write_markdown(rows: list[dict], path: Path, command: str, machine: str, args) -> str:
-    lines = [
-        f"Command: `{command}`",
-        "",
-        machine,
-        "",
-        "Ratios are value / baseline, same model and run: for tokens/s and episodes/s above 1 is faster "
-        "than the baseline, for seconds above 1 is slower.",
-        "",
-        "| model | parameters | section | case | median | unit | min - max | ratio vs baseline | baseline | notes |",
-        "| --- | ---: | --- | --- | ---: | --- | ---: | ---: | --- | --- |",
-    ]
-    for r in rows:
-        notes = [r["note"]] if r["note"] else []
-        if r["tokens_per_prompt"] != "":
-            notes.append(f"{r['tokens_per_prompt']:.1f} tokens/prompt")
-        if r["torch_threads"] != "":
-            notes.append(f"torch threads {r['torch_threads']}")
-        if r["load_1min"] != "":
-            notes.append(f"load {r['load_1min']:.1f}")
-        spread = f"{fmt(r['min'])} - {fmt(r['max'])}" if r["min"] != "" else ""
-        ratio = f"{r['ratio']:.2f}x" if r["ratio"] != "" else "" if r["baseline"] else "(baseline)"
-        lines.append(
-            f"| {r['model']} | {r['parameters']:,} | {r['section']} | {r['case']} | {fmt(r['value'])} "
-            f"| {r['unit']} | {spread} | {ratio} | {r['baseline']} | {'; '.join(notes)} |"
-        )
-    lines += ["", "Where vLLM's advantage over transformers generate begins (tokens/s ratio per size):", ""]
-    lines += advantage_lines(rows, args.batch_sizes)
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(path, text)
-    return text
-
-
-PANELS = {  # section: (title, y axis)
-    "generation": ("generation (label: vLLM / transformers)", "tokens/s"),
-    "learner": ("learner step (label: ppg / plain)", "s per step"),
-    "weights": ("weight update (label: / state-dict copy)", "s per update"),
-    "episodes": ("training (label: ppg / TRL)", "episodes/s"),
-}
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    """One panel per cost against parameter count (both axes log), the ratio written at each candidate
-    point (baselines dashed), and a last panel of every ratio with the break-even line: where a ratio
-    crosses it, the candidate starts to win."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    measured = [r for r in rows if r["value"] != ""]
-    sizes = sorted({(r["parameters"], r["model"]) for r in rows})
-
-    def series(sel, case, key):
-        pts = sorted((r["parameters"], r[key], r["ratio"]) for r in sel if r["case"] == case and r[key] != "")
-        return [p for p, _, _ in pts], [v for _, v, _ in pts], [q for _, _, q in pts]
-
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
-    flat = list(axes.flat)
-    for ax, (section, (title, unit)) in zip(flat, PANELS.items(), strict=False):
-        sel = [r for r in measured if r["section"] == section]
-        for case in dict.fromkeys(r["case"] for r in sel):
-            xs, ys, ratios = series(sel, case, "value")
-            ax.plot(xs, ys, "o--" if baseline_of(section, case) is None else "o-", label=case)
-            for x, y, q in zip(xs, ys, ratios, strict=True):
-                if q != "":
-                    ax.annotate(f"{q:.2f}x", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if sel:
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
-        ax.set(title=title, ylabel=f"{unit} (median, log scale)", yscale="log")
-    rx = flat[len(PANELS)]
-    for case in dict.fromkeys(r["case"] for r in measured if r["ratio"] != ""):
-        xs, ratios, _ = series(measured, case, "ratio")
-        rx.plot(xs, ratios, "o-", label=case)
-    rx.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
-    rx.set(
-        title="every ratio (rates: > 1 faster; seconds: > 1 slower)",
-        ylabel="value / baseline (log)",
-        yscale="log",
-    )
-    if any(r["ratio"] != "" for r in measured):
-        rx.legend(fontsize=7, loc="best")
-    for ax in flat[: len(PANELS) + 1]:
-        ax.set_xscale("log")
-        if sizes:
-            ax.set_xlim(sizes[0][0] / 2, sizes[-1][0] * 2)
-            ax.set_xticks([p for p, _ in sizes], [f"{m}\n{p / 1e6:.1f}M" for p, m in sizes])
-            ax.minorticks_off()
-        ax.set_xlabel("parameters")
-        ax.grid(alpha=0.3)
-    for ax in flat[len(PANELS) + 1 :]:
-        ax.axis("off")
-    fig.tight_layout()
-    atomic_save_figure(fig, path)
-    plt.close(fig)
+# --- output (tables and the figure: scaling_report.py) ------------------------------------------
 
 
 def machine_line(load_before: tuple[float, ...], seconds: float) -> str:
@@ -605,8 +448,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(args)
     machine = machine_line(load_before, time.perf_counter() - start)
     atomic_write_csv(args.out / "scaling.csv", rows, FIELDS)
-    print(write_markdown(rows, args.out / "scaling.md", command, machine, args))
-    plot(rows, args.out / "scaling.png")
+    report = sibling("scaling_report")
+    print(report.write_markdown(rows, args.out / "scaling.md", command, machine, args.batch_sizes))
+    report.plot(rows, args.out / "scaling.png")
     print(f"wrote {args.out / 'scaling.csv'}, scaling.md, scaling.png")
     return rows
 

@@ -86,7 +86,8 @@ def test_a_left_out_section_is_written_as_not_measured_and_the_crossing_is_inter
     assert all(r["note"] == "not measured (--sections leaves it out)" and r["ratio"] == "" for r in rows[:4])
     assert rows[3]["baseline"] == "transformers batch=32" and rows[-1]["ratio"] == 1.5
     # 0.5x at 1M, 2x at 100M: the ratio crosses 1 halfway in log-log, at 10M
-    text = bench.crossing([(10**6, "a", 0.5), (10**8, "b", 2.0)])
+    crossing = bench.sibling("scaling_report").crossing
+    text = crossing([(10**6, "a", 0.5), (10**8, "b", 2.0)])
     assert "between a and b, near 10M parameters" in text
-    assert "every size measured" in bench.crossing([(10**6, "a", 1.2)])
-    assert "not ahead" in bench.crossing([(10**6, "a", 1.2), (10**8, "b", 0.9)])
+    assert "every size measured" in crossing([(10**6, "a", 1.2)])
+    assert "not ahead" in crossing([(10**6, "a", 1.2), (10**8, "b", 0.9)])
