@@ -69,7 +69,7 @@ CLONE = "state dict clone (in memory)"
 WEIGHT_CASES = (CLONE, "transformers load_state_dict (in memory)", "vllm update_weights (state dict)")
 TRL_SIDE, PPG_SIDE = "TRL GRPOTrainer", "ppg train"
 CASES = {"learner": [PLAIN_STEP, PPG_STEP], "weights": list(WEIGHT_CASES), "episodes": [TRL_SIDE, PPG_SIDE]}
-TRL_ARGS = "--calibration-iterations 3 --eval-episodes 16"  # short: a speed comparison, not a study
+TRL_ARGS = "--calibration-iterations 3 --eval-episodes 8"  # short: a speed comparison, not a study
 FIELDS = [  # ratio: value / the baseline's value, same model and run
     "model", "parameters", "section", "case", "value", "unit", "min", "max", "repeats", "baseline", "ratio",
     "tokens_per_prompt", "torch_threads", "load_1min", "note",
