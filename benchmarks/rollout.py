@@ -176,6 +176,21 @@ def episodes_per_second(pools: dict, args, progress) -> list[dict]:
     return rows
 
 
+# --- weights -------------------------------------------------------------------------------------
+
+
+def weight_cases(state: dict, model_path, hf, vllm) -> dict[str, Callable[[], object]]:
+    """The in-process weight updates, with their baselines: a plain in-memory copy of the state dict
+    and transformers loading the same weights (also used by benchmarks/scaling.py)."""
+    return {
+        "state dict clone (in memory)": lambda: {k: v.clone() for k, v in state.items()},
+        "transformers load_state_dict (in memory)": lambda: hf.update_weights(state),
+        "transformers update_weights (folder)": lambda: hf.update_weights(model_path),
+        "vllm update_weights (state dict)": lambda: vllm.update_weights(state),
+        "vllm update_weights (folder)": lambda: vllm.update_weights(model_path),
+    }
+
+
 def worker_threads(pool) -> int:
     """Torch threads inside the pool's workers (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor)."""
     import ray
@@ -288,13 +303,7 @@ def run(args) -> list[dict]:
             rows += throughput(engines, prompts, args.batch_sizes, sampling, args.repeats, progress)
         if "weights" in sections:
             progress.set_postfix_str("weight updates in this process")
-            cases = {
-                "state dict clone (in memory)": lambda: {k: v.clone() for k, v in state.items()},
-                "transformers load_state_dict (in memory)": lambda: hf.update_weights(state),
-                "transformers update_weights (folder)": lambda: hf.update_weights(model_path),
-                "vllm update_weights (state dict)": lambda: vllm.update_weights(state),
-                "vllm update_weights (folder)": lambda: vllm.update_weights(model_path),
-            }
+            cases = weight_cases(state, model_path, hf, vllm)
             for name, runs in interleaved(cases, args.weight_repeats, progress).items():
                 rows.append(row("weights", name, 1, [seconds for seconds, _ in runs], "s"))
         del hf, vllm

@@ -805,7 +805,7 @@ def _installed(dist: str) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -865,6 +865,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for trl_compare.{csv,md,png}")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options, checked (benchmarks/scaling.py runs ``run`` with them per model)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.episodes_per_update % args.group_size or args.group_size < 2:
         parser.error("--episodes-per-update must be a multiple of --group-size, and --group-size >= 2")
@@ -872,10 +878,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--budget-s must be > 0, --eval-episodes >= 2 and --window >= 1")
     if args.ppg_iterations is not None and args.ppg_iterations < 1:
         parser.error("--ppg-iterations must be >= 1")
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.torch_threads)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    command = "python benchmarks/trl_compare.py " + " ".join(
+    return args
+
+
+def command_line(args) -> str:
+    """The command that repeats this run, for the report."""
+    return "python benchmarks/trl_compare.py " + " ".join(
         [
             f"--budget-s {args.budget_s:g}",
             f"--problem {args.problem}",
@@ -897,6 +905,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"--seed {args.seed}",
         ]
     )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.torch_threads)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    command = command_line(args)
     load_before, start = os.getloadavg(), time.perf_counter()
     rows = run(args)
     machine = machine_line(load_before, time.perf_counter() - start)

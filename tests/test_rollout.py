@@ -87,6 +87,17 @@ def test_token_trace_is_the_template_rendering_with_the_sampled_ids_as_actions(h
         assert all(lp < 0.0 or lp == pytest.approx(0.0, abs=1e-3) for lp in trace.logprobs)
 
 
+def test_ignore_eos_generates_exactly_max_tokens_past_the_end_of_turn(hf, prompts):
+    """Benchmarks compare engines at equal lengths: with ignore_eos a reply runs on past its end of
+    turn to max_tokens, and its start is the reply that stopped there."""
+    stopped = hf.generate(prompts[:4], GREEDY)
+    assert any(g.finish_reason == "stop" for g in stopped), "the embedded model ends its turn early"
+    full = hf.generate(prompts[:4], dataclasses.replace(GREEDY, ignore_eos=True))
+    for short, long in zip(stopped, full, strict=True):
+        assert len(long.token_ids) == GREEDY.max_tokens and long.finish_reason == "length"
+        assert long.token_ids[: len(short.token_ids)] == short.token_ids
+
+
 @pytest.mark.slow
 def test_vllm_worker_matches_transformers_greedy_before_and_after_a_weight_update(
     pool, hf, prompts, model_path

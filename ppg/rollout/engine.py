@@ -66,6 +66,9 @@ class SamplingSpec:
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    # Generate exactly max_tokens, past the end-of-turn token: benchmarks that compare engines need
+    # equal lengths (a trained model stops early, at a different step in each engine).
+    ignore_eos: bool = False
 
 
 class SamplingRefused(ValueError):
@@ -285,6 +288,7 @@ class VLLMEngine:
                 top_p=sampling.top_p,
                 logprobs=0,
                 seed=None if seeds is None else seeds[i],
+                ignore_eos=sampling.ignore_eos,
             )
             for i in range(len(prompts))
         ]
@@ -488,14 +492,14 @@ class HFEngine:
                 if not done[b]:
                     out_ids[b].append(int(next_ids[b]))
                     out_lps[b].append(float(logprobs[b]))
-                    done[b] = int(next_ids[b]) in self.stop
+                    done[b] = not sampling.ignore_eos and int(next_ids[b]) in self.stop
             if done.all():
                 break
             step_ids = next_ids[:, None]
             mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], 1)
             positions = positions[:, -1:] + 1
         return [
-            Generation(i, lp, "stop" if i and i[-1] in self.stop else "length")
+            Generation(i, lp, "stop" if i and i[-1] in self.stop and not sampling.ignore_eos else "length")
             for i, lp in zip(out_ids, out_lps, strict=True)
         ]
 
