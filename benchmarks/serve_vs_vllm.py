@@ -12,14 +12,16 @@ Same checkpoint (the embedded tiny policy), same chat prompts, same client (the 
   direct ``vllm.LLM.generate`` in this process on the same prompts, 32 at once: the engine alone
 
 Streamed too (unless ``--no-stream``): the same prompts with ``stream=True`` and ``--stream-max-tokens``
-(32) to ppg and vllm, for the time to the first content token (p50, p99) and to the whole reply
-(p50); see benchmarks/serve_vs_vllm_stream.py.
+(32) to ppg and vllm, in the same rounds, for the time to the first content token (p50, p99) and to
+the whole reply (p50); see benchmarks/serve_vs_vllm_stream.py. ppg serve takes neither ``min_tokens``
+nor ``ignore_eos``, so replies end at the policy's end of turn (the tiny policy's greedy replies to
+these prompts: ~7 tokens) or at max_tokens; the table gives their mean length.
 
 Loads: 1 client (requests one after another) and 32 concurrent clients. The servers are measured in
 alternating rounds so a change in machine load hits all alike; ratios are against vLLM's server
 in the same run. The machine's load average is recorded before and after.
 
-    python benchmarks/serve_vs_vllm.py                 # ~5 min on 2 cores
+    python benchmarks/serve_vs_vllm.py                 # ~4 min on 2 cores
     python benchmarks/serve_vs_vllm.py --requests 64 --rounds 1 --no-stream      # quicker
 """
 
