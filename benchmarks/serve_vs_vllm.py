@@ -11,12 +11,18 @@ Same checkpoint (the embedded tiny policy), same chat prompts, same client (the 
          overhead (proxy, router, replica call, HTTP), measured apart
   direct ``vllm.LLM.generate`` in this process on the same prompts, 32 at once: the engine alone
 
+Streamed too (unless ``--no-stream``): the same prompts with ``stream=True`` and ``--stream-max-tokens``
+(32) to ppg and vllm, in the same rounds, for the time to the first content token (p50, p99) and to
+the whole reply (p50); see benchmarks/serve_vs_vllm_stream.py. ppg serve takes neither ``min_tokens``
+nor ``ignore_eos``, so replies end at the policy's end of turn (the tiny policy's greedy replies to
+these prompts: ~7 tokens) or at max_tokens; the table gives their mean length.
+
 Loads: 1 client (requests one after another) and 32 concurrent clients. The servers are measured in
 alternating rounds so a change in machine load hits all alike; ratios are against vLLM's server
 in the same run. The machine's load average is recorded before and after.
 
-    python benchmarks/serve_vs_vllm.py                 # ~3 min on 2 cores
-    python benchmarks/serve_vs_vllm.py --requests 64 --rounds 1      # quicker
+    python benchmarks/serve_vs_vllm.py                 # ~4 min on 2 cores
+    python benchmarks/serve_vs_vllm.py --requests 64 --rounds 1 --no-stream      # quicker
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pathlib import Path  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve_latency import chat_messages, free_port, percentile  # noqa: E402
+from serve_vs_vllm_stream import plot_ttft, stream_clients, stream_markdown, stream_rows  # noqa: E402
 
 from ppg.files import atomic_save_figure, atomic_write_text  # noqa: E402
 
@@ -125,7 +132,7 @@ async def clients(base_url: str, messages, concurrency: int, max_tokens: int) ->
     return latencies, seconds
 
 
-def run(args) -> tuple[list[dict], dict]:
+def run(args) -> tuple[list[dict], list[dict], dict]:
     import ray
 
     from ppg.models import resolve_model
@@ -134,7 +141,9 @@ def run(args) -> tuple[list[dict], dict]:
 
     policy = str(resolve_model(args.model))
     load_before = os.getloadavg()
-    ray.init(num_cpus=4, include_dashboard=False)
+    started_ray = not ray.is_initialized()  # a caller's Ray (a test's) is left running
+    if started_ray:
+        ray.init(num_cpus=4, include_dashboard=False)
     vllm_port = free_port()
     log = Path(tempfile.mkdtemp(prefix="serve-vs-vllm-")) / "vllm_server.log"
     vllm_server = start_vllm_server(policy, vllm_port, args.max_model_len, log)
@@ -143,13 +152,17 @@ def run(args) -> tuple[list[dict], dict]:
         app_name="ppg-bench",
         port=free_port(),
         max_model_len=args.max_model_len,
-        max_tokens_limit=max(args.max_tokens, 1),
+        max_tokens_limit=max(args.max_tokens, args.stream_max_tokens, 1),
         max_batch_size=args.concurrency,
     )
     samples: dict[tuple[str, int], tuple[list[float], float]] = {}
+    streamed: dict[tuple[str, int], list] = {}  # (server, clients) -> serve_vs_vllm_stream.Sample
+    stream = [] if args.no_stream else ["ppg stream", "vllm stream"]
+    echo = False
     try:
         start_server(settings)  # before the in-process engine, whose LD_PRELOAD would leak to Ray workers
         start_echo(settings.port)
+        echo = True
         wait_ready(f"http://127.0.0.1:{vllm_port}/v1/models", vllm_server)
         base = {
             "ppg": f"http://127.0.0.1:{settings.port}/v1",
@@ -163,6 +176,8 @@ def run(args) -> tuple[list[dict], dict]:
         prompts = [engine.tokenize(m) for m in messages]
         for url in base.values():  # warm every path
             asyncio.run(clients(url, messages[:8], 4, args.max_tokens))
+        for path in stream:
+            asyncio.run(stream_clients(base[path.split()[0]], messages[:8], 4, args.stream_max_tokens))
         engine.generate(prompts[:8])
 
         def direct(concurrency: int):
@@ -175,13 +190,21 @@ def run(args) -> tuple[list[dict], dict]:
 
         for r in range(args.rounds):
             for concurrency in (1, args.concurrency):
-                order = ["ppg", "vllm", "echo", "direct"]
-                order = order[r % 4 :] + order[: r % 4]  # who goes first rotates
+                order = ["ppg", "vllm", "echo", "direct", *stream]
+                order = order[r % len(order) :] + order[: r % len(order)]  # who goes first rotates
                 for path in order:
+                    msgs = messages if concurrency > 1 else messages[: args.sequential_requests]
+                    if path in stream:
+                        server = path.split()[0]
+                        got, seconds = asyncio.run(
+                            stream_clients(base[server], msgs, concurrency, args.stream_max_tokens)
+                        )
+                        streamed[(server, concurrency)] = streamed.get((server, concurrency), []) + got
+                        print(f"round {r} {path} x{concurrency}: {len(got) / seconds:.1f} req/s", flush=True)
+                        continue
                     if path == "direct":
                         latencies, seconds = direct(concurrency)
                     else:
-                        msgs = messages if concurrency > 1 else messages[: args.sequential_requests]
                         latencies, seconds = asyncio.run(
                             clients(base[path], msgs, concurrency, args.max_tokens)
                         )
@@ -193,8 +216,13 @@ def run(args) -> tuple[list[dict], dict]:
     finally:
         vllm_server.terminate()
         vllm_server.wait(timeout=60)
+        if echo:
+            from ray import serve
+
+            serve.delete("echo")  # first: stop_server stops Serve once no app is left
         stop_server(settings.app_name)
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     rows = []
     for (path, concurrency), (latencies, seconds) in sorted(
         samples.items(), key=lambda kv: (kv[0][1], kv[0][0])
@@ -211,7 +239,7 @@ def run(args) -> tuple[list[dict], dict]:
         )
     add_ratios(rows)
     machine = {"load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count()}
-    return rows, machine
+    return rows, stream_rows(streamed) if streamed else [], machine
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -239,7 +267,7 @@ def markdown(rows: list[dict], machine: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, max_tokens: int, streamed: list[dict], stream_max_tokens: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,7 +275,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     paths = ["ppg", "vllm", "echo", "direct"]
     loads = sorted({r["clients"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if streamed else 2, figsize=(16 if streamed else 11, 4))
     for ax, key, title in (
         (axes[0], "requests_per_s", "requests/s"),
         (axes[1], "p50_ms", "p50 latency (ms)"),
@@ -260,7 +288,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(title)
         ax.set_yscale("log")
     axes[0].legend(fontsize=8)
-    fig.suptitle("ppg serve vs vLLM's OpenAI server (same checkpoint, max_tokens 16)")
+    if streamed:
+        plot_ttft(axes[2], streamed)
+    title = f"ppg serve vs vLLM's OpenAI server (same checkpoint, max_tokens {max_tokens}"
+    fig.suptitle(title + (f"; streamed: max_tokens {stream_max_tokens})" if streamed else ")"))
     fig.tight_layout()
     atomic_save_figure(fig, path)
     plt.close(fig)
@@ -279,19 +310,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--stream-max-tokens", type=int, default=32, help="max_tokens of the streamed requests"
+    )
+    parser.add_argument("--no-stream", action="store_true", help="skip the streamed requests (quicker)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     command = "python benchmarks/serve_vs_vllm.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "model")
+        f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}")
+        for k, v in vars(args).items()
+        if k not in ("out", "model") and v is not False and not (k == "stream_max_tokens" and args.no_stream)
     )
-    rows, machine = run(args)
+    rows, streamed, machine = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, machine, command)
+    if streamed:
+        text += "\n" + stream_markdown(streamed, args.stream_max_tokens)
     atomic_write_text(args.out / "serve_vs_vllm.md", text)
-    atomic_write_text(
-        args.out / "serve_vs_vllm.json", json.dumps({"rows": rows, "machine": machine}, indent=1)
-    )
-    plot(rows, args.out / "serve_vs_vllm.png")
+    result = {"rows": rows, "stream_rows": streamed, "stream_max_tokens": args.stream_max_tokens}
+    atomic_write_text(args.out / "serve_vs_vllm.json", json.dumps({**result, "machine": machine}, indent=1))
+    plot(rows, args.out / "serve_vs_vllm.png", args.max_tokens, streamed, args.stream_max_tokens)
     print(text)
     return rows
 
