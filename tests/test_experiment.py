@@ -327,6 +327,10 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     table = (out / "results.md").read_text()
     assert "| myopic | " in table and "initial" in table and "selector" in table
     assert f"| {phases[0]['selected']}>{phases[1]['selected']} | 16 |" in table, "picks and pilot cost shown"
+    from ppg.experiment.runner import code_version
+
+    assert json.loads((chosen / "done.json").read_text())["code"] == code_version()
+    assert f"Code of the cells: {code_version()} (6 cells)." in table  # initial, 4 methods, selector
     rows = {r["class"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert {"heldout_reward", "heldout_ci95", "paired_diff", "paired_p", "compared_with"} <= set(rows["full"])
     assert float(rows["full"]["heldout_reward"]) == pytest.approx(scores["full"]["reward_mean"])

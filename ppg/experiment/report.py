@@ -380,6 +380,20 @@ def plot(suite: Suite, rows: list[dict], curves: dict, targets: dict, heldout: d
     plt.close(fig)
 
 
+def code_line(suite: Suite, out: Path) -> str:
+    """Which code made the table: the commit of each finished cell (``done.json``), counted."""
+    versions: dict[str, int] = {}
+    for problem in suite.problems:
+        for row in suite.rows_for(problem):
+            for seed in suite.seeds:
+                done = cell_dir(out, problem, row, seed) / "done.json"
+                if done.is_file():
+                    code = json.loads(done.read_text()).get("code", "not recorded (before 2026-12-01)")
+                    versions[code] = versions.get(code, 0) + 1
+    listed = ", ".join(f"{v} ({n} cells)" for v, n in sorted(versions.items(), key=lambda x: -x[1]))
+    return f"Code of the cells: {listed}."
+
+
 def write_report(suite: Suite, out: Path) -> str:
     rows, selector, curves, targets, heldout = summarize(suite, out)
     if not rows:
@@ -387,7 +401,7 @@ def write_report(suite: Suite, out: Path) -> str:
     atomic_write_csv(out / "results.csv", rows)
     if selector:
         atomic_write_csv(out / "selector.csv", selector)
-    text = markdown(rows, selector)
+    text = markdown(rows, selector) + "\n" + code_line(suite, out) + "\n"
     atomic_write_text(out / "results.md", text)
     plot(suite, rows, curves, targets, heldout, out)
     say(text)

@@ -22,8 +22,11 @@ started once and reconfigured per cell (problem, seed, weights back to the initi
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -184,7 +187,7 @@ def run_initial(suite: Suite, problem: str, seed: int, out: Path, pool, policy_p
     ray.get(pool.reconfigure.remote(config, 0, policy_path))
     result = heldout_evaluation(pool, config, seed, 0, policy_path, suite.eval_episodes, loaded=True)
     atomic_write_text(run_dir / HELDOUT, json.dumps(result, indent=1))
-    atomic_write_text(run_dir / "done.json", json.dumps({"problem": problem, "row": INITIAL, "seed": seed}))
+    atomic_write_text(run_dir / "done.json", json.dumps(done_record(problem, INITIAL, seed)))
 
 
 def offline_data(suite: Suite, problem: str, seed: int, out: Path, pool, policy_path: str) -> Path:
@@ -279,7 +282,30 @@ def evaluate_cell(suite: Suite, problem: str, label: str, seed: int, run_dir: Pa
     config = load_config(run_dir / "config.yaml")
     result = heldout_evaluation(pool, config, seed, version, str(final / "policy"), suite.eval_episodes, True)
     atomic_write_text(run_dir / HELDOUT, json.dumps(result, indent=1))
-    atomic_write_text(run_dir / "done.json", json.dumps({"problem": problem, "row": label, "seed": seed}))
+    atomic_write_text(run_dir / "done.json", json.dumps(done_record(problem, label, seed)))
+
+
+def done_record(problem: str, row: str, seed: int) -> dict:
+    """What ``done.json`` says: the cell, and the code that made it (the table lists the versions)."""
+    return {"problem": problem, "row": row, "seed": seed, "code": code_version()}
+
+
+@functools.cache
+def code_version() -> str:
+    """The commit of the source tree this process runs, ``+dirty`` when ``ppg/`` has uncommitted
+    changes; outside a git checkout, the installed package's version."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "ppg") else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"ppg {importlib.metadata.version('ppg')}"
 
 
 def run_suite(suite: Suite, out: Path) -> Path:
