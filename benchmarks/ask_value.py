@@ -11,7 +11,8 @@ difference of each segment's return, by segment length, is the value of asking u
 if it is negative at every length the policy cannot use the answer well enough for any horizon to
 make asking pay, and the problem cannot separate the classes at this scale.
 
-    .venv/bin/python benchmarks/ask_value.py        # ~2 min on 2 cores; benchmarks/results/ask_value.*
+    .venv/bin/python benchmarks/ask_value.py        # ~4 min on 2 cores; benchmarks/results/ask_value_segmented.*
+    .venv/bin/python benchmarks/ask_value.py --problem elicitation      # one topic: a question at turn 0
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def write_markdown(rows: list[dict], path: Path, command: str, machine: str) -> 
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, problem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,7 +183,7 @@ def plot(rows: list[dict], path: Path) -> None:
         [x + width * (len(groups) - 1) / 2 for x in range(len(lengths))], [f"L = {n}" for n in lengths]
     )
     ax.set_ylabel("segment return: question forced - plain")
-    ax.set_title("segmented: what a taste question at a segment's start is worth to each policy")
+    ax.set_title(f"{problem}: what a taste question at a segment's start is worth to each policy")
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic_save_figure(fig, path)
@@ -193,8 +194,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--problem", default="segmented", choices=["segmented", "elicitation"])
     parser.add_argument(
-        "--runs", type=Path, default=RUNS / "segmented", help="a problem's runs/ folder of a suite"
+        "--runs", type=Path, help="the problem's runs/ folder of a suite (default: the paper suite's)"
     )
     parser.add_argument("--rows", nargs="+", default=["greedy", "segment", "full"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load_before, start = os.getloadavg(), time.perf_counter()
-    env = make_environment(load_config(None, ["problem.name=segmented"]))
+    args.runs = args.runs or RUNS / args.problem
+    env = make_environment(load_config(None, [f"problem.name={args.problem}"]))
     found = policies(args)
     rows = []
     for label, path in tqdm(found.items(), desc="policies", unit="policy"):
@@ -215,10 +218,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"Machine: {os.cpu_count()} CPU cores; load average (1 min) {load_before[0]:.2f} before, "
         f"{os.getloadavg()[0]:.2f} after; {time.perf_counter() - start:.0f} s."
     )
-    atomic_write_csv(args.out / "ask_value.csv", rows)
-    write_markdown(rows, args.out / "ask_value.md", command.strip(), machine)
-    plot(rows, args.out / "ask_value.png")
-    print((args.out / "ask_value.md").read_text())
+    name = f"ask_value_{args.problem}"
+    atomic_write_csv(args.out / f"{name}.csv", rows)
+    write_markdown(rows, args.out / f"{name}.md", command.strip(), machine)
+    plot(rows, args.out / f"{name}.png", args.problem)
+    print((args.out / f"{name}.md").read_text())
     return rows
 
 

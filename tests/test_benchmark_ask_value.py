@@ -17,7 +17,7 @@ def test_the_forced_question_is_judged_and_paired_with_the_plain_conversation(tm
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     bench.main(["--runs", str(tmp_path / "no-runs"), "--episodes", "8", "--out", str(tmp_path)])
-    rows = list(csv.DictReader((tmp_path / "ask_value.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "ask_value_segmented.csv").open()))
     assert {r["policy"] for r in rows} == {"initial"} and rows
     for r in rows:
         assert float(r["value_of_asking"]) == pytest.approx(
@@ -26,5 +26,5 @@ def test_the_forced_question_is_judged_and_paired_with_the_plain_conversation(tm
         if r["segment_length"] == "1":  # the question earns 0 and the segment ends with it
             assert float(r["return_forced_question"]) == 0.0
     assert sum(int(r["segments"]) for r in rows) >= 8 * 2, "every segment of every conversation"
-    assert (tmp_path / "ask_value.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| initial | 1 |" in (tmp_path / "ask_value.md").read_text()
+    assert (tmp_path / "ask_value_segmented.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| initial | 1 |" in (tmp_path / "ask_value_segmented.md").read_text()
