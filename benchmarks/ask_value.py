@@ -75,7 +75,7 @@ def forcing_questions(policy, problem, seeds: list[int]):
     return reply
 
 
-def segments(conversation, problem) -> list[tuple[int, float, bool]]:
+def segments(conversation) -> list[tuple[int, float, bool]]:
     """(length, return, whether a later turn of it recommended the user's liked item) per segment."""
     liked = set(conversation.persona.preferences.values())
     replies = conversation.replies
@@ -96,14 +96,14 @@ def measure(label: str, policy_path: str, env, args) -> list[dict]:
     plain = run_conversations(env.problem, personas, seeds, plain_policy, env.partner, env.judge)
     forced_policy = forcing_questions(sampling_policy(engine, seeds, args.max_tokens), env.problem, seeds)
     forced = run_conversations(env.problem, personas, seeds, forced_policy, env.partner, env.judge)
+    all_pairs = [
+        pair
+        for p, f in zip(plain, forced, strict=True)
+        for pair in zip(segments(p), segments(f), strict=True)  # the same segments: same seeds
+    ]
     rows = []
-    for length in sorted({n for c in plain for n, _, _ in segments(c, env.problem)}):
-        pairs = [
-            (a, b)
-            for p, f in zip(plain, forced, strict=True)
-            for a, b in zip(segments(p, env.problem), segments(f, env.problem), strict=True)
-            if a[0] == length
-        ]
+    for length in sorted({a[0] for a, _ in all_pairs}):
+        pairs = [(a, b) for a, b in all_pairs if a[0] == length]
         interval = mean_interval([b[1] - a[1] for a, b in pairs])
         diff, half = interval["mean"], interval["half_width"] or float("nan")
         rows.append(
