@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from ppg.config import PPGConfig, load_config
 from ppg.episode import collate
-from ppg.experiment.report import episodes_to_target, interval, paired_test
+from ppg.experiment.report import (
+    behaviour_markdown,
+    behaviour_summary,
+    episodes_to_target,
+    interval,
+    paired_test,
+)
 from ppg.experiment.selector import (
     ClassGradientStats,
     _Moments,
@@ -24,7 +30,7 @@ from ppg.experiment.selector import (
     per_turn_gradients,
     select_class,
 )
-from ppg.experiment.suite import ProblemEntry, Suite, SuiteError, config_defaults, load_suite
+from ppg.experiment.suite import ProblemEntry, Suite, SuiteError, cell_dir, config_defaults, load_suite
 from ppg.learner.update import global_advantages
 from ppg.loss import policy_gradient_loss, token_logprobs
 from ppg.models import resolve_model
@@ -176,6 +182,46 @@ def test_paired_test_over_seeds():
     assert math.isnan(paired_test({0: 1.0}, {0: 0.0})["p"])  # one seed: no test
 
 
+def test_behaviour_table_averages_each_rate_over_the_seeds_that_have_it(tmp_path):
+    """What the agents do, read from the cells' held-out evaluations: a rate one seed lacks (nothing
+    to count there) is averaged over the others; an unfinished cell (no done.json) is not read."""
+    suite = Suite.model_validate(
+        {
+            "name": "t",
+            "methods": {"greedy": {"type": "greedy"}},
+            "problems": {"myopic": {"target_reward": 0.5}},
+            "seeds": [0, 1, 2],
+        }
+    )
+    cells = {
+        ("initial", 0): {"evasive": 0.4, "asks_before_recommending": 0.5, "reply_words": 7.0},
+        ("initial", 1): {"evasive": 0.2, "reply_words": 9.0},
+        ("greedy", 0): {"evasive": 0.0, "asks_before_recommending": 0.0, "reply_words": 4.0},
+        ("greedy", 1): {"evasive": 0.1, "asks_before_recommending": 0.25, "reply_words": 5.0},
+        ("greedy", 2): {"evasive": 0.9, "reply_words": 50.0},  # unfinished: not read
+    }
+    for (row, seed), behaviour in cells.items():
+        run = cell_dir(tmp_path, "myopic", row, seed)
+        run.mkdir(parents=True)
+        (run / "heldout.json").write_text(json.dumps({"reward_mean": 0.0, "behaviour": behaviour}))
+        if seed < 2:
+            (run / "done.json").write_text("{}")
+    summary = {r["class"]: r for r in behaviour_summary(suite, tmp_path)}
+    assert summary["initial"]["seeds"] == 2 and summary["greedy"]["seeds"] == 2
+    assert summary["initial"]["evasive"] == pytest.approx(0.3)
+    assert summary["initial"]["asks_before_recommending"] == pytest.approx(0.5)  # one seed had it
+    assert summary["greedy"]["asks_before_recommending"] == pytest.approx(0.125)
+    assert summary["greedy"]["reply_words"] == pytest.approx(4.5)
+    table = behaviour_markdown(list(summary.values()))
+    assert (
+        "| myopic: what the agents do (held-out) | evasive | asks before recommending | reply words |"
+        in table
+    )
+    assert (
+        "| initial (n=2) | 0.30 | 0.50 | 8.0 |" in table and "| greedy (n=2) | 0.05 | 0.12 | 4.5 |" in table
+    )
+
+
 # ---- gradient statistics --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_path():
@@ -302,7 +348,14 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     pilot = json.loads((out / "pilots" / "myopic-seed0.json").read_text())
     assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 8
     assert set(pilot["classes"]) == {"full", "greedy"} and pilot["classes"]["full"]["bias_sq"] == 0.0
-    for name in ("results.csv", "results.md", "selector.csv", "reward_curves.png", "heldout.png"):
+    for name in (
+        "results.csv",
+        "results.md",
+        "selector.csv",
+        "behaviour.csv",
+        "reward_curves.png",
+        "heldout.png",
+    ):
         assert (out / name).stat().st_size > 0, name
     scores = {}
     for row in ("initial", "full", "greedy", "ppo", "offline", "selector"):
@@ -331,6 +384,7 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
 
     assert json.loads((chosen / "done.json").read_text())["code"] == code_version()
     assert f"Code of the cells: {code_version()} (6 cells)." in table  # initial, 4 methods, selector
+    assert "| myopic: what the agents do (held-out) |" in table and "| selector (n=1) |" in table
     rows = {r["class"]: r for r in csv.DictReader((out / "results.csv").open())}
     assert {"heldout_reward", "heldout_ci95", "paired_diff", "paired_p", "compared_with"} <= set(rows["full"])
     assert float(rows["full"]["heldout_reward"]) == pytest.approx(scores["full"]["reward_mean"])

@@ -13,6 +13,11 @@ The selector's row is its own runs (its picks per seed, trained with an independ
 ``selector.reselect_every`` it re-picks at its own policy), compared in pairs with full planning and
 with the best fixed class chosen on the *other* seeds (leave one seed out), so that neither side is
 picked by the noise of the seed it is compared on. Its pilot episodes are listed: they are its cost.
+
+Beside every score, **what the agents do** (``behaviour.csv`` and a table per problem): the held-out
+behaviour rates of ``ppg.env.behaviour`` (recommends the stated taste, asks first, answers its persona
+truthfully, dodges, words per reply), mean over seeds. A reward is read with what earned it: a row
+that wins by saying less or by dodging shows it here.
 """
 
 from __future__ import annotations
@@ -174,6 +179,49 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
 
     selector = selector_summary(suite, out, heldout, pilots)
     return rows, selector, curves, targets, heldout
+
+
+def behaviour_summary(suite: Suite, out: Path) -> list[dict]:
+    """Per (problem, row): each behaviour rate of the held-out evaluations, mean over the seeds that
+    have it (a rate with nothing to count in a seed's conversations is absent from that seed)."""
+    summary = []
+    for problem in suite.problems:
+        for row in suite.rows_for(problem):
+            rates: dict[str, list[float]] = {}
+            seeds = 0
+            for seed in suite.seeds:
+                run = cell_dir(out, problem, row, seed)
+                if not (run / "done.json").is_file():
+                    continue
+                seeds += 1
+                for name, rate in json.loads((run / HELDOUT).read_text()).get("behaviour", {}).items():
+                    rates.setdefault(name, []).append(rate)
+            if seeds:
+                means = {name: statistics.fmean(values) for name, values in rates.items()}
+                summary.append({"problem": problem, "class": row, "seeds": seeds, **means})
+    return summary
+
+
+def behaviour_markdown(summary: list[dict]) -> str:
+    """One table per problem: its rows x the rates its conversations have, reply length last."""
+    lines: list[str] = []
+    for problem in dict.fromkeys(r["problem"] for r in summary):
+        rows = [r for r in summary if r["problem"] == problem]
+        names = [
+            n for n in dict.fromkeys(k for r in rows for k in r) if n not in ("problem", "class", "seeds")
+        ]
+        names.sort(key=lambda n: n == "reply_words")
+        lines += [
+            f"| {problem}: what the agents do (held-out) | "
+            + " | ".join(n.replace("_", " ") for n in names)
+            + " |",
+            "|---|" + "---:|" * len(names),
+        ]
+        for r in rows:
+            cells = [fmt(r[n], 1 if n == "reply_words" else 2) if n in r else "n/a" for n in names]
+            lines.append(f"| {r['class']} (n={r['seeds']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def selector_summary(suite: Suite, out: Path, heldout: dict, pilots: dict) -> list[dict]:
@@ -401,7 +449,14 @@ def write_report(suite: Suite, out: Path) -> str:
     atomic_write_csv(out / "results.csv", rows)
     if selector:
         atomic_write_csv(out / "selector.csv", selector)
-    text = markdown(rows, selector) + "\n" + code_line(suite, out) + "\n"
+    behaviour = behaviour_summary(suite, out)
+    if behaviour:
+        atomic_write_csv(
+            out / "behaviour.csv", behaviour, list(dict.fromkeys(k for r in behaviour for k in r))
+        )
+    text = (
+        markdown(rows, selector) + "\n" + behaviour_markdown(behaviour) + "\n" + code_line(suite, out) + "\n"
+    )
     atomic_write_text(out / "results.md", text)
     plot(suite, rows, curves, targets, heldout, out)
     say(text)
