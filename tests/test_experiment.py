@@ -16,13 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from ppg.config import PPGConfig, load_config
 from ppg.episode import collate
-from ppg.experiment.report import (
-    behaviour_markdown,
-    behaviour_summary,
-    episodes_to_target,
-    interval,
-    paired_test,
-)
+from ppg.experiment.behaviour_table import behaviour_markdown, behaviour_summary
+from ppg.experiment.report import episodes_to_target, interval, paired_test, pooled_markdown, pooled_vs_full
 from ppg.experiment.selector import (
     ClassGradientStats,
     _Moments,
@@ -180,6 +175,38 @@ def test_paired_test_over_seeds():
     assert test["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
     assert paired_test({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0})["p"] == 0.0  # identical gains: certain
     assert math.isnan(paired_test({0: 1.0}, {0: 0.0})["p"])  # one seed: no test
+
+
+def test_pooled_comparison_pairs_every_problem_and_seed_with_full_planning():
+    """Each row against full planning over the (problem, seed) pairs both finished: differences
+    +1, +2, +3 (two problems) give mean 2 with the t-interval of three values; PPO, full returns
+    but a different optimiser, is a row of its own; a row with one pair has no test."""
+    suite = Suite.model_validate(
+        {
+            "name": "t",
+            "methods": {
+                "full": {"type": "full"},
+                "greedy": {"type": "greedy"},
+                "ppo": {"policy_class": {"type": "full"}, "overrides": {"learner.algorithm": "ppo"}},
+            },
+            "problems": {"myopic": {"target_reward": 0.5}, "elicitation": {"target_reward": 0.5}},
+            "seeds": [0, 1],
+        }
+    )
+    heldout = {
+        ("myopic", "full"): {0: 0.0, 1: 0.0},
+        ("myopic", "greedy"): {0: 1.0, 1: 2.0},
+        ("elicitation", "full"): {0: 1.0, 1: 5.0},  # seed 1 has no greedy run: not paired
+        ("elicitation", "greedy"): {0: 4.0},
+        ("myopic", "ppo"): {0: -1.0},
+    }
+    (greedy,) = pooled_vs_full(suite, heldout)
+    assert greedy["class"] == "greedy" and greedy["versus"] == "full"
+    assert (greedy["problems"], greedy["pairs"], greedy["wins"]) == (2, 3, 3)
+    assert greedy["diff"] == 2.0 and greedy["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert "| greedy | full | 2 | 3 | +2.000 [" in pooled_markdown([greedy]) and "| 3/3 |" in pooled_markdown(
+        [greedy]
+    )
 
 
 def test_behaviour_table_averages_each_rate_over_the_seeds_that_have_it(tmp_path):

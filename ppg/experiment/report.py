@@ -14,7 +14,12 @@ The selector's row is its own runs (its picks per seed, trained with an independ
 with the best fixed class chosen on the *other* seeds (leave one seed out), so that neither side is
 picked by the noise of the seed it is compared on. Its pilot episodes are listed: they are its cost.
 
-Beside every score, **what the agents do** (``behaviour.csv`` and a table per problem): the held-out
+A **pooled comparison** pairs every row with full planning over all (problem, seed) pairs: a
+summary across problems (does a smaller reward subset beat the whole return?), read after the
+per-problem tests, not instead of them.
+
+Beside every score, **what the agents do** (``behaviour.csv`` and a table per problem;
+``behaviour_table.py``): the held-out
 behaviour rates of ``ppg.env.behaviour`` (recommends the stated taste, asks first, answers its persona
 truthfully, dodges, words per reply), mean over seeds. A reward is read with what earned it: a row
 that wins by saying less or by dodging shows it here.
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from ppg.console import say
 from ppg.evaluate import mean_interval, t_test_p
+from ppg.experiment.behaviour_table import behaviour_markdown, behaviour_summary
 from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path, selector_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
 from ppg.learner.metrics import read_metrics
@@ -181,47 +187,56 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
     return rows, selector, curves, targets, heldout
 
 
-def behaviour_summary(suite: Suite, out: Path) -> list[dict]:
-    """Per (problem, row): each behaviour rate of the held-out evaluations, mean over the seeds that
-    have it (a rate with nothing to count in a seed's conversations is absent from that seed)."""
+def pooled_vs_full(suite: Suite, heldout: dict) -> list[dict]:
+    """Each row against full planning over every (problem, seed) pair both have: does a smaller
+    reward subset beat the whole return across problems? A summary pooled over unlike problems
+    (a paired t-test over the pairs, and how many pairs it wins); the per-problem tests stay the
+    primary ones."""
+    full = next(
+        (
+            k
+            for k, m in suite.methods.items()
+            if m.policy_class.type == "full" and not (m.offline or m.overrides)
+        ),
+        None,
+    )
     summary = []
-    for problem in suite.problems:
-        for row in suite.rows_for(problem):
-            rates: dict[str, list[float]] = {}
-            seeds = 0
-            for seed in suite.seeds:
-                run = cell_dir(out, problem, row, seed)
-                if not (run / "done.json").is_file():
-                    continue
-                seeds += 1
-                for name, rate in json.loads((run / HELDOUT).read_text()).get("behaviour", {}).items():
-                    rates.setdefault(name, []).append(rate)
-            if seeds:
-                means = {name: statistics.fmean(values) for name, values in rates.items()}
-                summary.append({"problem": problem, "class": row, "seeds": seeds, **means})
+    for label in [m for m in suite.methods if m != full] + [SELECTOR] if full else []:
+        mine, theirs = {}, {}
+        for problem in suite.problems:
+            a, b = heldout.get((problem, label), {}), heldout.get((problem, full), {})
+            for seed in a.keys() & b.keys():
+                mine[problem, seed], theirs[problem, seed] = a[seed], b[seed]
+        if len(mine) >= 2:
+            test = paired_test(mine, theirs)
+            summary.append(
+                {
+                    "class": label,
+                    "versus": full,
+                    "problems": len({p for p, _ in mine}),
+                    "pairs": test["n"],
+                    "diff": test["diff"],
+                    "ci95": test["ci95"],
+                    "p": test["p"],
+                    "wins": sum(mine[k] > theirs[k] for k in mine),
+                }
+            )
     return summary
 
 
-def behaviour_markdown(summary: list[dict]) -> str:
-    """One table per problem: its rows x the rates its conversations have, reply length last."""
-    lines: list[str] = []
-    for problem in dict.fromkeys(r["problem"] for r in summary):
-        rows = [r for r in summary if r["problem"] == problem]
-        names = [
-            n for n in dict.fromkeys(k for r in rows for k in r) if n not in ("problem", "class", "seeds")
-        ]
-        names.sort(key=lambda n: n == "reply_words")
-        lines += [
-            f"| {problem}: what the agents do (held-out) | "
-            + " | ".join(n.replace("_", " ") for n in names)
-            + " |",
-            "|---|" + "---:|" * len(names),
-        ]
-        for r in rows:
-            cells = [fmt(r[n], 1 if n == "reply_words" else 2) if n in r else "n/a" for n in names]
-            lines.append(f"| {r['class']} (n={r['seeds']}) | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
+def pooled_markdown(summary: list[dict]) -> str:
+    if not summary:
+        return ""
+    lines = [
+        "| pooled over problems | vs | problems | (problem, seed) pairs | held-out difference (95% CI, paired) | pairs won |",
+        "|---|---|---:|---:|---|---:|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['class']} | {r['versus']} | {r['problems']} | {r['pairs']} | "
+            f"{signed(r['diff'], r['ci95'], r['p'])} | {r['wins']}/{r['pairs']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def selector_summary(suite: Suite, out: Path, heldout: dict, pilots: dict) -> list[dict]:
@@ -454,8 +469,15 @@ def write_report(suite: Suite, out: Path) -> str:
         atomic_write_csv(
             out / "behaviour.csv", behaviour, list(dict.fromkeys(k for r in behaviour for k in r))
         )
-    text = (
-        markdown(rows, selector) + "\n" + behaviour_markdown(behaviour) + "\n" + code_line(suite, out) + "\n"
+    pooled = pooled_vs_full(suite, heldout)
+    text = "\n".join(
+        [
+            markdown(rows, selector),
+            pooled_markdown(pooled),
+            behaviour_markdown(behaviour),
+            code_line(suite, out),
+            "",
+        ]
     )
     atomic_write_text(out / "results.md", text)
     plot(suite, rows, curves, targets, heldout, out)
