@@ -200,8 +200,10 @@ def pooled_vs_full(suite: Suite, heldout: dict) -> list[dict]:
         ),
         None,
     )
+    if full is None:
+        return []
     summary = []
-    for label in [m for m in suite.methods if m != full] + [SELECTOR] if full else []:
+    for label in [*(m for m in suite.methods if m != full), SELECTOR]:
         mine, theirs = {}, {}
         for problem in suite.problems:
             a, b = heldout.get((problem, label), {}), heldout.get((problem, full), {})
