@@ -6,6 +6,7 @@ group), never `ray stop`, so the other Ray clusters of the session keep running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -50,14 +51,67 @@ def cluster_processes(marker: str) -> list[str]:
     return out
 
 
+def head_logs(base: Path) -> str:
+    """What a dead or silent head left behind: the tail of start-local.sh's output (where
+    `ray start --block` names the subprocess that died) and Ray's process-exit log."""
+    parts = [(base / "cluster.log").read_text(errors="replace")[-3000:]]
+    parts += [
+        f"{log}:\n{log.read_text(errors='replace')[-2000:]}"
+        for log in {p.resolve() for p in base.glob("r/session_*/logs/ray_process_exit.log")}
+    ]
+    return "\n".join(parts)
+
+
+def start_head(base: Path, env: dict, token: str) -> tuple[subprocess.Popen, str]:
+    """cluster/start-local.sh on free loopback ports, ready when it takes a job (the dashboard
+    answers before the node's job agent registers) and still alive a few seconds later: `ray start
+    --block` kills the whole head when any of its subprocesses exits during start-up."""
+    ports = {name: free_port() for name in ("gcs", "dashboard")}
+    log = open(base / "cluster.log", "w")  # noqa: SIM115 - the child keeps its own descriptor
+    proc = subprocess.Popen(
+        ["bash", "cluster/start-local.sh", "--port", str(ports["gcs"]), "--dashboard-port",
+         str(ports["dashboard"]), "--temp-dir", str(base / "r")],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    log.close()
+    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    deadline = time.monotonic() + 90
+    while http_status(f"{dashboard}/api/jobs/", token, {"entrypoint": "true"}) != 200:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    settle = time.monotonic() + 5
+    while proc.poll() is None and time.monotonic() < settle:
+        time.sleep(0.5)
+    return proc, dashboard
+
+
+def stop_head(proc: subprocess.Popen, base: Path) -> list[str]:
+    """SIGTERM to the process start-local.sh became, SIGKILL to its group if it lingers; returns
+    the command lines of any of its processes that survived (then killed too)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = cluster_processes(str(base / "r"))
+    if left:  # a leftover would be ours: kill its group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return left
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
-    """cluster/start-local.sh on free loopback ports with its own token; stopped by SIGTERM to the
-    process it became (`ray start --block`), then SIGKILL to its process group if anything is left."""
+    """A token-authenticated head from cluster/start-local.sh, stopped by SIGTERM to the process
+    it became, then SIGKILL to its process group if anything is left. A head that dies during its
+    own start-up (a Ray subprocess exiting, seen once in CI with no log kept) is started once more
+    on fresh ports, with the first head's logs printed so the cause is on record."""
     base = Path(tempfile.mkdtemp(prefix="ppgc-", dir="/tmp"))  # short: Unix socket paths < 107 chars
     token = base / "token"
     token.write_text(os.urandom(24).hex())
-    ports = {name: free_port() for name in ("gcs", "dashboard")}
     env = dict(
         os.environ,
         RAY_AUTH_MODE="token",
@@ -65,34 +119,29 @@ def local_cluster():
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
     env.pop("RAY_ADDRESS", None)
-    log = open(base / "cluster.log", "w")  # noqa: SIM115 - open for the cluster's whole life
-    proc = subprocess.Popen(
-        ["bash", "cluster/start-local.sh", "--port", str(ports["gcs"]), "--dashboard-port",
-         str(ports["dashboard"]), "--temp-dir", str(base / "r")],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    dashboard = f"http://127.0.0.1:{ports['dashboard']}"
+    proc, dashboard = start_head(base, env, token.read_text())
+    if proc.poll() is not None:
+        print(f"[test_cluster] the head died during start-up (exit {proc.returncode}); starting it "
+              f"once more. Its logs:\n{head_logs(base)}", file=sys.stderr)  # fmt: skip
+        stop_head(proc, base)
+        shutil.rmtree(base / "r", ignore_errors=True)
+        proc, dashboard = start_head(base, env, token.read_text())
     try:
-        deadline = time.monotonic() + 90
-        # Ready when it takes a job: the dashboard answers before the node's job agent registers.
-        while http_status(f"{dashboard}/api/jobs/", token.read_text(), {"entrypoint": "true"}) != 200:
-            assert proc.poll() is None, (base / "cluster.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the head did not take a job in 90 s"
-            time.sleep(0.5)
-        yield {"dashboard": dashboard, "env": env, "token": token.read_text(), "base": base}
+        assert proc.poll() is None, f"the head died twice during start-up:\n{head_logs(base)}"
+        assert http_status(f"{dashboard}/api/version", token.read_text()) == 200, (
+            f"no dashboard in 90 s:\n{head_logs(base)}"
+        )
+        yield {"dashboard": dashboard, "env": env, "token": token.read_text(), "base": base, "proc": proc}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-        left = cluster_processes(str(base))
-        if left:  # a leftover would be ours: kill its group, then fail loudly
-            os.killpg(proc.pid, signal.SIGKILL)
+        left = stop_head(proc, base)
         shutil.rmtree(base, ignore_errors=True)
         assert not left, f"processes of the test cluster survived its stop: {left}"
+
+
+def alive(cluster) -> str:
+    """Assertion context: empty while the head runs, else its exit code and logs."""
+    code = cluster["proc"].poll()
+    return "" if code is None else f" (the head exited {code}:\n{head_logs(cluster['base'])})"
 
 
 def http_status(url: str, token: str | None = None, post: dict | None = None) -> int:
@@ -129,7 +178,9 @@ def test_the_head_refuses_clients_without_the_token(local_cluster):
         [RAY, "job", "list", "--address", local_cluster["dashboard"]],
         cwd=ROOT, env=no_token, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert listing.returncode != 0 and "Authentication required" in listing.stderr
+    assert listing.returncode != 0 and "Authentication required" in listing.stderr, listing.stderr[
+        -2000:
+    ] + alive(local_cluster)
 
 
 @pytest.mark.slow
@@ -154,7 +205,7 @@ def test_job_submission_trains_checkpoints_and_scales_rollouts(local_cluster, tm
     outputs = {name: p.communicate(timeout=420)[0] for name, p in
                {"train": train, "too_many": too_many, "scale_up": scale_up}.items()}  # fmt: skip
 
-    assert train.returncode == 0, outputs["train"][-4000:]
+    assert train.returncode == 0, outputs["train"][-4000:] + alive(local_cluster)
     assert "[ppg] iter 1/4" in outputs["train"] and "[ppg] iter 4/4" in outputs["train"], "logs stream"
     assert scale_up.returncode == 0, outputs["scale_up"][-3000:]
     assert "1 -> 2 workers" in outputs["scale_up"]
