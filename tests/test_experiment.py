@@ -10,26 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import scripted_episodes
-from transformers import AutoModelForCausalLM
 
 from ppg.config import PPGConfig, load_config
-from ppg.episode import collate
 from ppg.experiment.behaviour_table import behaviour_markdown, behaviour_summary
 from ppg.experiment.report import episodes_to_target, interval, paired_test, pooled_markdown, pooled_vs_full
-from ppg.experiment.selector import (
-    ClassGradientStats,
-    _Moments,
-    gradient_stats,
-    per_turn_gradients,
-    select_class,
-)
 from ppg.experiment.suite import ProblemEntry, Suite, SuiteError, cell_dir, config_defaults, load_suite
-from ppg.learner.update import global_advantages
-from ppg.loss import policy_gradient_loss, token_logprobs
-from ppg.models import resolve_model
-from ppg.objectives import FullPlanning, Greedy, GroupMean, KStep, Objective
+from ppg.objectives import FullPlanning, Greedy, KStep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -249,95 +235,6 @@ def test_behaviour_table_averages_each_rate_over_the_seeds_that_have_it(tmp_path
     )
 
 
-# ---- gradient statistics --------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_path():
-    return resolve_model("embedded:tiny")
-
-
-@pytest.fixture(scope="module")
-def episodes(model_path):
-    return scripted_episodes("myopic", num_personas=3, num_turns=3)
-
-
-def test_moments_match_torch_covariance_and_mean():
-    torch.manual_seed(0)
-    x = torch.randn(7, 5, dtype=torch.float64)
-    m = _Moments()
-    for row in x:
-        m.add(row)
-    assert m.trace_cov() == pytest.approx(float(torch.cov(x.T).trace()), rel=1e-10)
-    assert torch.allclose(m.mean(), x.mean(0))
-
-
-def test_per_turn_gradients_combine_into_the_loss_gradient_exactly(model_path, episodes):
-    """sum_t A[t] G[t] for one episode equals -grad of the learner's loss with advantages A (B=1)."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    params = list(model.parameters())
-    episode = episodes[0]
-    G = per_turn_gradients(model, episode, params)
-    assert G.shape == (episode.num_turns, sum(p.numel() for p in params))
-    advantages = torch.tensor([[0.5, -1.0, 2.0]])
-    batch = collate([episode])
-    logits = model(input_ids=batch.token_ids, attention_mask=batch.attention_mask.long()).logits
-    loss = policy_gradient_loss(
-        token_logprobs(logits, batch.token_ids), batch.agent_mask, batch.token_turn, advantages
-    )
-    grads = torch.autograd.grad(loss, params)
-    expected = -torch.cat([g.reshape(-1) for g in grads])
-    assert torch.allclose(advantages[0] @ G, expected, atol=1e-5, rtol=1e-4)
-
-
-def test_gradient_stats_reference_has_no_bias_and_matches_a_direct_computation(model_path, episodes):
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    params = [model.lm_head.weight]  # a slice keeps the direct check cheap
-    classes = {"full": FullPlanning(), "greedy": Greedy()}
-    objective = Objective(baseline=GroupMean())
-    stats = gradient_stats(model, episodes, classes, objective, parameters=params)
-    assert stats["full"].bias_sq == 0.0 and stats["greedy"].episodes == len(episodes)
-    # direct: per-episode gradient vectors, then per-coordinate variances
-    per_episode = {k: [] for k in classes}
-    for k, c in classes.items():
-        adv = global_advantages(episodes, objective.model_copy(update={"policy_class": c}))
-        for i, e in enumerate(episodes):
-            per_episode[k].append(adv[i, : e.num_turns] @ per_turn_gradients(model, e, params))
-    for k in classes:
-        X = torch.stack(per_episode[k]).double()
-        assert stats[k].variance == pytest.approx(float(X.var(0).sum()), rel=1e-4)  # tr Cov
-    F, Gr = torch.stack(per_episode["full"]).double(), torch.stack(per_episode["greedy"]).double()
-    n = len(episodes)
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]  # products of means, distinct episodes
-    align = sum(float(Gr[i] @ F[j]) for i, j in pairs) / len(pairs)
-    assert stats["greedy"].alignment == pytest.approx(align, rel=1e-6)
-    assert stats["full"].full_norm_sq == pytest.approx(
-        sum(float(F[i] @ F[j]) for i, j in pairs) / len(pairs), rel=1e-6
-    )
-    assert stats["full"].alignment == pytest.approx(stats["full"].full_norm_sq, rel=1e-9)
-    D = (torch.stack(per_episode["greedy"]) - torch.stack(per_episode["full"])).double()
-    unbiased = float(D.mean(0).pow(2).sum()) - float(D.var(0).sum()) / len(episodes)
-    assert stats["greedy"].bias_sq == pytest.approx(max(0.0, unbiased), rel=1e-4, abs=1e-9)
-
-
-def stats_of(label, variance, mean_norm_sq, alignment, full_norm_sq=1.0, bias_sq=0.0):
-    return ClassGradientStats(label, variance, bias_sq, mean_norm_sq, alignment, full_norm_sq, episodes=64)
-
-
-def test_selector_scores_direction_not_size():
-    """The expected cosine with the full-return gradient: a noisy full gradient loses to a quiet,
-    aligned one at small batches and wins at large ones; scaling a class's gradient changes nothing;
-    and no update at all (the zero vector, which had the smallest MSE) never wins."""
-    full = stats_of("full", variance=100.0, mean_norm_sq=1.0, alignment=1.0)
-    greedy = stats_of("greedy", variance=10.0, mean_norm_sq=0.5, alignment=0.5)  # cosine 0.707 at N=inf
-    assert greedy.expected_cosine(32) == pytest.approx(0.5 / math.sqrt(0.5 + 10 / 32))
-    assert select_class({"full": full, "greedy": greedy}, batch_size=32) == "greedy"
-    assert select_class({"full": full, "greedy": greedy}, batch_size=10_000) == "full"
-    scaled = stats_of("greedy", variance=10.0 * 1e-6, mean_norm_sq=0.5e-6, alignment=0.5e-3)
-    assert scaled.expected_cosine(32) == pytest.approx(greedy.expected_cosine(32))
-    zero = stats_of("zero", variance=0.0, mean_norm_sq=0.0, alignment=0.0, bias_sq=1.0)
-    assert zero.mse(32) < full.mse(32)  # the old criterion's failure
-    assert select_class({"full": full, "zero": zero}, batch_size=32) == "full"
-
-
 # ---- a real grid, interrupted and resumed -----------------------------------------------------------
 @pytest.mark.slow
 def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
@@ -375,6 +272,8 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     pilot = json.loads((out / "pilots" / "myopic-seed0.json").read_text())
     assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 8
     assert set(pilot["classes"]) == {"full", "greedy"} and pilot["classes"]["full"]["bias_sq"] == 0.0
+    assert pilot["folds"] == 4 and 0.0 <= pilot["pick_agreement"] <= 1.0, "how far to trust the pick"
+    assert "full_signal_to_noise" in pilot
     for name in (
         "results.csv",
         "results.md",
@@ -406,7 +305,9 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     assert scores["selector"]["policy_version"] == 2
     table = (out / "results.md").read_text()
     assert "| myopic | " in table and "initial" in table and "selector" in table
-    assert f"| {phases[0]['selected']}>{phases[1]['selected']} | 16 |" in table, "picks and pilot cost shown"
+    trust = f"{pilot['full_signal_to_noise']:.2f}; {round(pilot['pick_agreement'] * 4)}/4"
+    shown = f"| {phases[0]['selected']}>{phases[1]['selected']} | {trust} | 16 |"
+    assert shown in table, "picks, the first pick's signal to noise and fold agreement, pilot cost"
     from ppg.experiment.runner import code_version
 
     assert json.loads((chosen / "done.json").read_text())["code"] == code_version()

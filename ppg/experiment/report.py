@@ -29,37 +29,29 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import statistics
 from pathlib import Path
 
 from ppg.console import say
-from ppg.evaluate import mean_interval, t_test_p
 from ppg.experiment.behaviour_table import behaviour_markdown, behaviour_summary
-from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path, selector_path
+from ppg.experiment.selector_table import reported_cosine, selector_markdown, selector_summary
+from ppg.experiment.stats import (  # noqa: F401 - interval and paired_test are part of this module's API
+    NAN,
+    bootstrap_interval,
+    fmt,
+    fmt_g,
+    interval,
+    mean_of,
+    paired_test,
+    signed,
+    with_interval,
+)
+from ppg.experiment.suite import HELDOUT, INITIAL, SELECTOR, Suite, cell_dir, pilot_path
 from ppg.files import atomic_save_figure, atomic_write_csv, atomic_write_text
 from ppg.learner.metrics import read_metrics
 
 FINAL_WINDOW = 5
 SMOOTH = 3
-NAN = float("nan")
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t-interval (NaN half-width for one value)."""
-    m = mean_interval(values)
-    return m["mean"], NAN if m["half_width"] is None else m["half_width"]
-
-
-def paired_test(a: dict[int, float], b: dict[int, float]) -> dict:
-    """Mean of a[s] - b[s] over the seeds both have, its 95% interval and two-sided p-value."""
-    seeds = sorted(set(a) & set(b))
-    diffs = [a[s] - b[s] for s in seeds]
-    if len(diffs) < 2:
-        return {"diff": statistics.fmean(diffs) if diffs else NAN, "ci95": NAN, "p": NAN, "n": len(diffs)}
-    mean, sd, n = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs)
-    t = mean / (sd / math.sqrt(n)) if sd > 0 else (math.inf if mean else 0.0)
-    return {"diff": mean, "ci95": interval(diffs)[1], "p": t_test_p(t, n - 1) if mean or sd else 1.0, "n": n}
 
 
 def curve(run_dir: Path) -> tuple[list[int], list[float]]:
@@ -87,21 +79,6 @@ def target(suite: Suite, problem: str, pilots: dict) -> float:
         return entry.target_reward
     initial = [v["pilot_reward"] for (p, _), v in pilots.items() if p == problem]
     return statistics.fmean(initial) + entry.target_gain if initial else NAN
-
-
-def _mean_of(values: list[float]) -> float:
-    return statistics.fmean(values) if values else NAN
-
-
-def bootstrap_interval(values: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of ``values`` (here: one pilot estimate per
-    seed, each from its own pilot batch, so the seeds are independent draws). With 5 seeds the
-    percentile interval is a little too narrow; it shows the spread that a single number hides."""
-    if len(values) < 2:
-        return NAN, NAN
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
-    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
 def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, dict, dict]:
@@ -151,8 +128,11 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
             mean, half = interval(list(by_seed.values()))
             runs = [training[problem, row, s] for s in by_seed if (problem, row, s) in training]
             reached = [r["to_target"] for r in runs if r["to_target"] is not None]
-            stats = [pilots[problem, s]["classes"].get(row) for s in by_seed if (problem, s) in pilots]
-            stats = [x for x in stats if x]
+            stats = [
+                {**entry, "expected_cosine": reported_cosine(entry, pilots[problem, s]["batch_size"])}
+                for s in by_seed
+                if (problem, s) in pilots and (entry := pilots[problem, s]["classes"].get(row))
+            ]  # cosines recomputed: clipped to [-1, 1], NaN where the full norm estimates <= 0
             train_mean, train_half = interval([r["final"] for r in runs]) if runs else (NAN, NAN)
             rows.append(
                 {
@@ -169,9 +149,9 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
                     "paired_p": test["p"],
                     "final_reward": train_mean,
                     "ci95": train_half,
-                    "episodes_to_target": _mean_of(reached),
+                    "episodes_to_target": mean_of(reached),
                     "reached_target": f"{len(reached)}/{len(runs)}" if runs else "-",
-                    "grad_mse": _mean_of([x["mse"] for x in stats]),
+                    "grad_mse": mean_of([x["mse"] for x in stats]),
                 }
             )
             for name, key in (
@@ -179,9 +159,9 @@ def summarize(suite: Suite, out: Path) -> tuple[list[dict], list[dict], dict, di
                 ("grad_variance", "variance"),
                 ("grad_bias_sq", "bias_sq"),
             ):
-                values = [x[key] for x in stats]
+                values = [x[key] for x in stats if not math.isnan(x[key])]
                 low, high = bootstrap_interval(values)
-                rows[-1] |= {name: _mean_of(values), f"{name}_lo": low, f"{name}_hi": high}
+                rows[-1] |= {name: mean_of(values), f"{name}_lo": low, f"{name}_hi": high}
 
     selector = selector_summary(suite, out, heldout, pilots)
     return rows, selector, curves, targets, heldout
@@ -241,84 +221,7 @@ def pooled_markdown(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def selector_summary(suite: Suite, out: Path, heldout: dict, pilots: dict) -> list[dict]:
-    """The selector's runs in pairs against the best fixed class *chosen without the seed compared*
-    (leave one seed out: the class a user who had run the other seeds would pick; a choice in
-    hindsight would flatter the fixed classes by the noise of the pick) and against full planning.
-    Also its picks per seed (phase by phase) and its pilots' episodes, which it pays for."""
-    selector = []
-    for problem in suite.problems:
-        ours = heldout.get((problem, SELECTOR))
-        if not ours:
-            continue
-        complete = [
-            c
-            for c in suite.selector_candidates(problem)
-            if len(heldout.get((problem, c), {})) == len(suite.seeds)
-        ]
-        chosen: dict[int, str] = {}
-        for s in ours:
-            others = [t for t in suite.seeds if t != s]
-            if complete and others:
-                chosen[s] = max(
-                    complete, key=lambda c: statistics.fmean(heldout[problem, c][t] for t in others)
-                )
-        picks, cost = [], 0
-        for s in suite.seeds:
-            record = selector_path(out, problem, s)
-            if record.is_file():
-                phases = json.loads(record.read_text())["phases"]
-                picks.append(">".join(p["selected"] for p in phases))
-                cost += sum(p["episodes"] for p in phases)
-            elif (problem, s) in pilots:
-                picks.append(pilots[problem, s]["selected"])
-                cost += pilots[problem, s]["episodes"]
-        mean, half = interval(list(ours.values()))
-        entry = {
-            "problem": problem,
-            "picks": ", ".join(picks),
-            "pilot_episodes": cost / max(len(picks), 1),
-            "selector_heldout": mean,
-            "selector_ci95": half,
-            "best_fixed": ", ".join(chosen[s] for s in sorted(chosen)),
-        }
-        versus = {"best_fixed": {s: heldout[problem, c][s] for s, c in chosen.items()}}
-        versus["full"] = heldout.get((problem, "full"), {})
-        for name, theirs in versus.items():
-            test = paired_test(ours, theirs)
-            entry |= {
-                f"vs_{name}_diff": test["diff"],
-                f"vs_{name}_ci95": test["ci95"],
-                f"vs_{name}_p": test["p"],
-            }
-        selector.append(entry)
-    return selector
-
-
-def fmt(x: float, digits: int = 3) -> str:
-    return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
-
-
-def fmt_g(x: float) -> str:
-    return "-" if math.isnan(x) else f"{x:.3g}"
-
-
-def with_interval(row: dict, name: str, form) -> str:
-    low, high = row.get(f"{name}_lo", NAN), row.get(f"{name}_hi", NAN)
-    interval_text = "" if math.isnan(low) else f" [{form(low)}, {form(high)}]"
-    return form(row[name]) + interval_text
-
-
-def signed(mean: float, half: float, p: float | None = None) -> str:
-    if math.isnan(mean):
-        return "-"
-    text = f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]" if not math.isnan(half) else f"{mean:+.3f}"
-    if p is not None and not math.isnan(p):
-        text += f", p = {p:.3f}" + (" *" if p < 0.05 else "")
-    return text
-
-
-def markdown(rows: list[dict], selector: list[dict]) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = [
         "| problem | row | held-out reward (95% CI, seeds) | paired difference vs | training reward | "
         "episodes to target | reached | grad cosine | grad variance | bias² |",
@@ -337,20 +240,6 @@ def markdown(rows: list[dict], selector: list[dict]) -> str:
             f"{r['reached_target']} | {with_interval(r, 'grad_expected_cosine', fmt)} | "
             f"{with_interval(r, 'grad_variance', fmt_g)} | {with_interval(r, 'grad_bias_sq', fmt_g)} |"
         )
-    if selector:
-        lines += [
-            "",
-            "| problem | selector's picks (per seed; > = a re-pick) | pilot episodes per run | selector held-out | "
-            "best fixed class (chosen on the other seeds) | selector - that class | selector - full |",
-            "|---|---|---:|---|---|---|---|",
-        ]
-        for s in selector:
-            lines.append(
-                f"| {s['problem']} | {s['picks']} | {fmt(s['pilot_episodes'], 0)} | "
-                f"{fmt(s['selector_heldout'])} ± {fmt(s['selector_ci95'])} | "
-                f"{s['best_fixed']} | {signed(s['vs_best_fixed_diff'], s['vs_best_fixed_ci95'], s['vs_best_fixed_p'])} | "
-                f"{signed(s['vs_full_diff'], s['vs_full_ci95'], s['vs_full_p'])} |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -474,7 +363,8 @@ def write_report(suite: Suite, out: Path) -> str:
     pooled = pooled_vs_full(suite, heldout)
     text = "\n".join(
         [
-            markdown(rows, selector),
+            markdown(rows),
+            selector_markdown(selector),
             pooled_markdown(pooled),
             behaviour_markdown(behaviour),
             code_line(suite, out),

@@ -41,7 +41,7 @@ from ppg.driver import start_pool, train
 from ppg.env.personas import load_personas, split_personas
 from ppg.evaluate import evaluate_on_pool
 from ppg.experiment.report import write_report
-from ppg.experiment.selector import gradient_stats, select_class
+from ppg.experiment.selector import gradient_moments, select_class
 from ppg.experiment.suite import (
     HELDOUT,
     INITIAL,
@@ -130,8 +130,9 @@ def run_pilot(
     classes = {k: suite.methods[k].policy_class for k in candidates}
     if not any(c.type == "full" for c in classes.values()):
         classes["full"] = FullPlanning()  # the reference every class is measured against
-    stats = gradient_stats(model, episodes, classes, config.objective)
-    batch = r.episodes_per_iteration
+    moments = gradient_moments(model, episodes, classes, config.objective)
+    stats, batch = moments.stats(), r.episodes_per_iteration
+    reference = stats[moments.reference]
     return {
         "problem": problem,
         "seed": seed,
@@ -144,6 +145,10 @@ def run_pilot(
             for k, v in stats.items()
         },
         "selected": select_class({k: stats[k] for k in candidates}, batch),
+        # how far to trust the pick (see ppg.experiment.selector)
+        "full_signal_to_noise": reference.full_signal_to_noise(),
+        "pick_agreement": moments.pick_agreement(candidates, batch),
+        "folds": len(moments.folds),
     }
 
 

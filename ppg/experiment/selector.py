@@ -26,7 +26,16 @@ every term is estimated without bias: products of means use pairs of distinct ep
     mu_c . mu_f  ~  (S_c . S_f - sum_i g_c,i . g_f,i) / (n (n - 1)),    S = sum_i g_i
 
 and tr Cov by the usual n - 1 formula. Variance and bias^2 against full planning are reported too
-(per episode), since they explain a score. Episodes are treated as independent (leave-one-out
+(per episode), since they explain a score.
+
+A ratio of unbiased estimates is not bounded like a cosine: where the full-return gradient is mostly
+noise at the pilot's size, ||mu_full||^2 comes out near (or below) 0 and "cosines" above 1 appear.
+So the reported cosine is clipped to [-1, 1] (NaN when ||mu_full||^2 <= 0), the ranking uses the
+scale-free part alignment / sqrt(second moment) (||mu_full|| is common to every class: the same
+picks), and each pilot says how far to trust its pick: ``full_signal_to_noise`` (||mu_full||^2
+against the noise tr Cov / n of its own estimate: below ~1 the pilot cannot resolve the direction)
+and ``pick_agreement``, the share of delete-one-fold jackknife replicates (the pilot split into
+``folds`` contiguous blocks, so a group's episodes stay together) that pick the same class. Episodes are treated as independent (leave-one-out
 baselines couple a group's episodes a little; the estimate ignores it). Memory is O(turns x
 parameters) per episode, streamed: fine for small policies; for a large one, restrict
 ``parameters`` to a slice (e.g. the last block and the head).
@@ -54,18 +63,31 @@ class ClassGradientStats:
     alignment: float  # E g_c . E g_full, unbiased
     full_norm_sq: float  # ||E g_full||^2, unbiased
     episodes: int
+    full_variance: float = math.nan  # tr Cov of one episode's full-return gradient
 
     def mse(self, batch_size: int) -> float:
         """Mean squared error of the batch gradient against the full-return gradient (reported)."""
         return self.bias_sq + self.variance / batch_size
 
-    def expected_cosine(self, batch_size: int) -> float:
-        """The selector's score: cosine of the batch gradient with the full-return gradient."""
+    def score(self, batch_size: int) -> float:
+        """The selector's ranking: E[g_hat . mu_full] / sqrt(E||g_hat||^2), the expected cosine times
+        ||mu_full|| (common to every class, so it orders them the same, and it stays defined
+        when the estimate of ||mu_full||^2 does not)."""
         second_moment = max(self.mean_norm_sq, 0.0) + self.variance / batch_size
-        if second_moment <= 0:
-            return 0.0
-        scale = math.sqrt(self.full_norm_sq) if self.full_norm_sq > 0 else 1.0
-        return self.alignment / (scale * math.sqrt(second_moment))
+        return self.alignment / math.sqrt(second_moment) if second_moment > 0 else 0.0
+
+    def expected_cosine(self, batch_size: int) -> float:
+        """Cosine of the batch gradient with the full-return gradient (reported): clipped to [-1, 1],
+        since noise can push the ratio of estimates past it; NaN when ||mu_full||^2 estimates <= 0."""
+        if self.full_norm_sq <= 0:
+            return math.nan
+        return max(-1.0, min(1.0, self.score(batch_size) / math.sqrt(self.full_norm_sq)))
+
+    def full_signal_to_noise(self) -> float:
+        """||mu_full||^2 over the noise of its pilot estimate (tr Cov_full / n, from ``full_variance``):
+        below ~1 the pilot cannot resolve the full-return gradient's direction."""
+        noise = self.full_variance / self.episodes
+        return self.full_norm_sq / noise if noise > 0 else math.nan
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +116,8 @@ def per_turn_gradients(model, episode: Episode, parameters: list[torch.Tensor]) 
 
 class _Moments:
     """Running sums of vectors, of their squared norms and of their products with a reference
-    vector: enough for the trace of their covariance and unbiased products of means."""
+    vector: enough for the trace of their covariance and unbiased products of means. Sums add up,
+    so the moments of any set of folds are the ``merged`` moments of its folds."""
 
     def __init__(self) -> None:
         self.n, self.total, self.sum_sq, self.sum_dot = 0, None, 0.0, 0.0
@@ -106,6 +129,17 @@ class _Moments:
         self.sum_sq += float(g.pow(2).sum())
         if reference is not None:
             self.sum_dot += float(g @ reference.double())
+
+    @classmethod
+    def merged(cls, parts: Iterable[_Moments]) -> _Moments:
+        out = cls()
+        for m in parts:
+            if m.n:
+                out.n += m.n
+                out.total = m.total.clone() if out.total is None else out.total + m.total
+                out.sum_sq += m.sum_sq
+                out.sum_dot += m.sum_dot
+        return out
 
     def mean_dot(self, other: _Moments) -> float:
         """E[x] . E[y] without bias, from pairs of distinct samples (``add(x, reference=y)``)."""
@@ -121,16 +155,66 @@ class _Moments:
         return (self.sum_sq - float(self.total.pow(2).sum()) / self.n) / (self.n - 1)
 
 
-def gradient_stats(
+def _class_stats(label: str, m: _Moments, full: _Moments, is_reference: bool) -> ClassGradientStats:
+    """One class's statistics from its moments and the reference's (``m`` added with the reference
+    as ``reference``, so ``m.sum_dot`` = sum_i g_c,i . g_f,i gives the differences' moments too)."""
+    n = m.n
+    diff_total = m.total - full.total
+    diff_sum_sq = m.sum_sq - 2 * m.sum_dot + full.sum_sq  # sum_i ||g_c,i - g_f,i||^2
+    diff_trace_cov = (diff_sum_sq - float(diff_total.pow(2).sum()) / n) / (n - 1)
+    bias_sq = 0.0 if is_reference else max(0.0, float(diff_total.pow(2).sum()) / n**2 - diff_trace_cov / n)
+    return ClassGradientStats(
+        label,
+        variance=m.trace_cov(),
+        bias_sq=bias_sq,
+        mean_norm_sq=float(m.mean().pow(2).sum()) - m.trace_cov() / n,
+        alignment=m.mean_dot(full),
+        full_norm_sq=float(full.mean().pow(2).sum()) - full.trace_cov() / n,
+        episodes=n,
+        full_variance=full.trace_cov(),
+    )
+
+
+@dataclass
+class PilotGradients:
+    """Each class's gradient moments on a pilot batch, kept per fold (contiguous blocks of
+    episodes): the statistics of the whole pilot, and of the pilot without one fold (jackknife)."""
+
+    folds: list[dict[str, _Moments]]
+    reference: str
+
+    def stats(self, leave_out: int | None = None) -> dict[str, ClassGradientStats]:
+        kept = [f for k, f in enumerate(self.folds) if k != leave_out]
+        merged = {label: _Moments.merged(f[label] for f in kept) for label in self.folds[0]}
+        full = merged[self.reference]
+        return {label: _class_stats(label, m, full, label == self.reference) for label, m in merged.items()}
+
+    def pick_agreement(self, candidates: Iterable[str], batch_size: int) -> float:
+        """Share of the delete-one-fold replicates whose pick is the whole pilot's pick: 1.0 = every
+        fold agrees; near 1/len(candidates) = the pick is noise."""
+        candidates = list(candidates)
+        pick = select_class({c: s for c, s in self.stats().items() if c in candidates}, batch_size)
+        if len(self.folds) < 2:
+            return math.nan
+        same = 0
+        for k in range(len(self.folds)):
+            stats = self.stats(leave_out=k)
+            same += select_class({c: stats[c] for c in candidates}, batch_size) == pick
+        return same / len(self.folds)
+
+
+def gradient_moments(
     model,
     episodes: list[Episode],
     classes: Mapping[str, PolicyClass],
     objective: Objective,
     parameters: Iterable[torch.Tensor] | None = None,
     reference: str | None = None,
-) -> dict[str, ClassGradientStats]:
-    """Per-class gradient variance and bias (vs ``reference``, default the full-planning entry) on a
-    pilot batch; ``objective`` supplies the baseline and gamma shared by every class."""
+    folds: int = 8,
+) -> PilotGradients:
+    """Per-class gradient moments (vs ``reference``, default the full-planning entry) on a pilot
+    batch, in ``folds`` contiguous folds; ``objective`` supplies the baseline and gamma shared by
+    every class."""
     from ppg.learner.update import global_advantages
 
     if len(episodes) < 2:
@@ -139,41 +223,40 @@ def gradient_stats(
         reference = next((k for k, c in classes.items() if c.type == "full"), None)
         if reference is None:
             raise ValueError("no full-planning class to measure bias against: add one or pass reference=")
+    # every delete-one-fold replicate keeps >= 2 episodes
+    folds = max(1, min(folds, len(episodes) // 2 if len(episodes) >= 4 else 1))
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
     advantages = {
         label: global_advantages(episodes, objective.model_copy(update={"policy_class": c}))
         for label, c in classes.items()
     }
-    moments = {label: _Moments() for label in classes}
-    differences = {label: _Moments() for label in classes}
+    moments = [{label: _Moments() for label in classes} for _ in range(folds)]
     was_training = model.training
     model.eval()  # no dropout: the gradient of the policy that sampled
     try:
         for i, episode in enumerate(episodes):
             G = per_turn_gradients(model, episode, params)  # [T, P]
             per_class = {label: a[i, : episode.num_turns].to(G.dtype) @ G for label, a in advantages.items()}
+            fold = moments[i * folds // len(episodes)]
             for label, g in per_class.items():
-                moments[label].add(g, reference=per_class[reference])
-                differences[label].add(g - per_class[reference])
+                fold[label].add(g, reference=per_class[reference])
     finally:
         model.train(was_training)
-    out = {}
-    for label in classes:
-        d = differences[label]
-        bias_sq = 0.0 if label == reference else max(0.0, float(d.mean().pow(2).sum()) - d.trace_cov() / d.n)
-        m, full = moments[label], moments[reference]
-        out[label] = ClassGradientStats(
-            label,
-            variance=m.trace_cov(),
-            bias_sq=bias_sq,
-            mean_norm_sq=float(m.mean().pow(2).sum()) - m.trace_cov() / m.n,
-            alignment=m.mean_dot(full),
-            full_norm_sq=float(full.mean().pow(2).sum()) - full.trace_cov() / full.n,
-            episodes=len(episodes),
-        )
-    return out
+    return PilotGradients(moments, reference)
+
+
+def gradient_stats(
+    model,
+    episodes: list[Episode],
+    classes: Mapping[str, PolicyClass],
+    objective: Objective,
+    parameters: Iterable[torch.Tensor] | None = None,
+    reference: str | None = None,
+) -> dict[str, ClassGradientStats]:
+    """Per-class gradient variance and bias on the whole pilot batch (see ``gradient_moments``)."""
+    return gradient_moments(model, episodes, classes, objective, parameters, reference).stats()
 
 
 def select_class(stats: Mapping[str, ClassGradientStats], batch_size: int) -> str:
     """The class whose batch gradient is expected to point closest to the full-return gradient."""
-    return max(stats, key=lambda label: stats[label].expected_cosine(batch_size))
+    return max(stats, key=lambda label: stats[label].score(batch_size))
