@@ -78,6 +78,12 @@ def test_a_suite_may_add_to_a_folder_but_not_change_what_ran(tmp_path):
     )
     assert retargeted.extends(grown.model_dump(mode="json")) == ["problems.myopic"]
     assert listed.extends(recorded) == ["problems.myopic"]  # all methods -> a subset
+    # a selector field added to the code since is its default in an older record; a changed one clashes
+    picky = Suite.model_validate({**recorded, "selector": {"pilot_episodes": 16}})
+    older = {**picky.model_dump(mode="json"), "selector": {"pilot_episodes": 16, "reselect_every": None}}
+    assert picky.extends(older) == []
+    grows = Suite.model_validate({**recorded, "selector": {"pilot_episodes": 16, "max_pilot_episodes": 64}})
+    assert grows.extends(older) == ["selector"]
 
 
 def test_a_changed_code_default_is_a_clash_until_the_suite_pins_the_old_value(tmp_path):
@@ -127,6 +133,11 @@ def test_a_changed_code_default_is_a_clash_until_the_suite_pins_the_old_value(tm
             "rollout.group_size",
         ),
         (BASE + "problems: {nosuch: {target_reward: 0.1}}\n", "unknown problem"),
+        (
+            BASE
+            + "problems: {myopic: {target_reward: 0.1}}\nselector: {pilot_episodes: 64, max_pilot_episodes: 32}\n",
+            "selector.max_pilot_episodes .32. must be between pilot_episodes .64.",
+        ),
         ("name: [unclosed\n", "not valid YAML"),
     ],
 )
@@ -265,14 +276,20 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
             "problems": {"myopic": {"target_gain": 0.01}},
             "seeds": [0],
             "eval_episodes": 8,
-            "selector": {"pilot_episodes": 8, "reselect_every": 1},
+            # every pilot grows once (no pilot of 8 reaches a signal to noise of 1e9): 8 + 8 episodes
+            "selector": {
+                "pilot_episodes": 8,
+                "reselect_every": 1,
+                "max_pilot_episodes": 16,
+                "min_signal_to_noise": 1e9,
+            },
         }
     )
     out = run_suite(suite, tmp_path / "grid")
     pilot = json.loads((out / "pilots" / "myopic-seed0.json").read_text())
-    assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 8
+    assert pilot["selected"] in ("full", "greedy") and pilot["episodes"] == 16 and pilot["rounds"] == 2
     assert set(pilot["classes"]) == {"full", "greedy"} and pilot["classes"]["full"]["bias_sq"] == 0.0
-    assert pilot["folds"] == 4 and 0.0 <= pilot["pick_agreement"] <= 1.0, "how far to trust the pick"
+    assert pilot["folds"] == 8 and 0.0 <= pilot["pick_agreement"] <= 1.0, "how far to trust the pick"
     assert "full_signal_to_noise" in pilot
     for name in (
         "results.csv",
@@ -298,15 +315,15 @@ def test_grid_runs_reports_and_resumes_exactly(ray_cluster, tmp_path):
     # trained iteration 2 with that pick: one run, continued exactly (versions 0 -> 1 -> 2)
     phases = json.loads((out / "pilots" / "myopic-seed0-selector.json").read_text())["phases"]
     assert [p["from_iteration"] for p in phases] == [0, 1] and phases[0]["selected"] == pilot["selected"]
-    assert all(p["episodes"] == 8 and set(p["scores"]) == {"full", "greedy"} for p in phases)
+    assert all(p["episodes"] == 16 and set(p["scores"]) == {"full", "greedy"} for p in phases)
     chosen = cell_dir(out, "myopic", "selector", 0)
     assert [r["policy_version"] for r in read_metrics(chosen)] == [1, 2]
     assert load_config(chosen / "config.yaml").objective.policy_class.type == phases[1]["selected"]
     assert scores["selector"]["policy_version"] == 2
     table = (out / "results.md").read_text()
     assert "| myopic | " in table and "initial" in table and "selector" in table
-    trust = f"{pilot['full_signal_to_noise']:.2f}; {round(pilot['pick_agreement'] * 4)}/4"
-    shown = f"| {phases[0]['selected']}>{phases[1]['selected']} | {trust} | 16 |"
+    trust = f"{pilot['full_signal_to_noise']:.2f}; {round(pilot['pick_agreement'] * 8)}/8"
+    shown = f"| {phases[0]['selected']}>{phases[1]['selected']} | {trust} | 32 |"
     assert shown in table, "picks, the first pick's signal to noise and fold agreement, pilot cost"
     from ppg.experiment.runner import code_version
 

@@ -178,6 +178,19 @@ def test_fold_moments_give_the_same_statistics_as_the_episodes_they_hold(leave_o
         assert got.episodes == len(kept)
 
 
+def test_a_grown_pilot_is_the_pilot_of_all_its_episodes():
+    vectors = synthetic(seed=2, signal=1.0)
+    first = pilot_of({k: v[:12] for k, v in vectors.items()}, "full", folds=3)
+    more = pilot_of({k: v[12:] for k, v in vectors.items()}, "full", folds=3)
+    grown, whole = first.extended(more).stats(), brute_stats(vectors, "full")
+    for label in vectors:
+        assert grown[label].alignment == pytest.approx(whole[label].alignment, rel=1e-9)
+        assert grown[label].variance == pytest.approx(whole[label].variance, rel=1e-9)
+    assert len(first.extended(more).folds) == 6
+    with pytest.raises(ValueError, match="same classes"):
+        first.extended(pilot_of({"full": vectors["full"]}, "full", folds=2))
+
+
 def test_pick_agreement_is_the_share_of_folds_whose_removal_keeps_the_pick():
     vectors = synthetic(seed=1, signal=1.0)  # a weak full-return signal: picks wobble
     pilot = pilot_of(vectors, "full", folds=6)

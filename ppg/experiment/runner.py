@@ -109,35 +109,45 @@ def run_pilot(
 ) -> dict:
     """Sample a pilot batch at ``policy_path`` (phase 0: the initial policy; phase k: the selector's
     policy after k * ``selector.reselect_every`` iterations, on fresh conversations) and measure every
-    candidate class's gradient on it."""
+    candidate class's gradient on it. With ``selector.max_pilot_episodes`` the pilot grows by
+    ``pilot_episodes`` at a time while the full-return gradient is lost in its noise (round 0 is the
+    fixed pilot, so a grown pilot starts with the same episodes)."""
     config = suite.config(problem, None, seed)
-    r = config.rollout
+    r, spec = config.rollout, suite.selector
     ray.get(pool.reconfigure.remote(config, version, policy_path))
     personas, _ = split_personas(load_personas(config.problem.personas_file))
-    n = suite.selector.pilot_episodes
+    n = spec.pilot_episodes
     n -= n % r.group_size
-    requests = plan_requests(
-        personas,
-        n,
-        r.group_size,
-        num_requests=r.num_workers * r.requests_per_worker,
-        seed=seed * 1_000_003 + PILOT_ITERATION + phase,
-        first_request_id=(PILOT_ITERATION + phase) * 10_000,
-    )
-    episodes = ray.get(pool.episodes.remote(requests))
     model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
     candidates = suite.selector_candidates(problem)
     classes = {k: suite.methods[k].policy_class for k in candidates}
     if not any(c.type == "full" for c in classes.values()):
         classes["full"] = FullPlanning()  # the reference every class is measured against
-    moments = gradient_moments(model, episodes, classes, config.objective)
+    episodes, moments, rounds = [], None, 0
+    while True:
+        requests = plan_requests(
+            personas,
+            n,
+            r.group_size,
+            num_requests=r.num_workers * r.requests_per_worker,
+            seed=seed * 1_000_003 + PILOT_ITERATION + phase + 1000 * rounds,
+            first_request_id=(PILOT_ITERATION + phase) * 10_000 + 1000 * rounds,
+        )
+        sampled = ray.get(pool.episodes.remote(requests))
+        # advantages within the round's own groups (group ids restart each round), moments merged
+        part = gradient_moments(model, sampled, classes, config.objective)
+        moments = part if moments is None else moments.extended(part)
+        episodes, rounds = episodes + sampled, rounds + 1
+        snr = moments.stats()[moments.reference].full_signal_to_noise()
+        if not snr < spec.min_signal_to_noise or len(episodes) + n > (spec.max_pilot_episodes or n):
+            break
     stats, batch = moments.stats(), r.episodes_per_iteration
-    reference = stats[moments.reference]
     return {
         "problem": problem,
         "seed": seed,
         "phase": phase,
         "episodes": len(episodes),
+        "rounds": rounds,
         "batch_size": batch,
         "pilot_reward": sum(x for e in episodes for x in e.rewards) / sum(e.num_turns for e in episodes),
         "classes": {
@@ -146,7 +156,7 @@ def run_pilot(
         },
         "selected": select_class({k: stats[k] for k in candidates}, batch),
         # how far to trust the pick (see ppg.experiment.selector)
-        "full_signal_to_noise": reference.full_signal_to_noise(),
+        "full_signal_to_noise": snr,
         "pick_agreement": moments.pick_agreement(candidates, batch),
         "folds": len(moments.folds),
     }

@@ -189,6 +189,12 @@ class PilotGradients:
         full = merged[self.reference]
         return {label: _class_stats(label, m, full, label == self.reference) for label, m in merged.items()}
 
+    def extended(self, other: PilotGradients) -> PilotGradients:
+        """This pilot and another batch's folds (a grown pilot): the same classes and reference."""
+        if other.reference != self.reference or set(other.folds[0]) != set(self.folds[0]):
+            raise ValueError("only a pilot of the same classes and reference can extend this one")
+        return PilotGradients(self.folds + other.folds, self.reference)
+
     def pick_agreement(self, candidates: Iterable[str], batch_size: int) -> float:
         """Share of the delete-one-fold replicates whose pick is the whole pilot's pick: 1.0 = every
         fold agrees; near 1/len(candidates) = the pick is noise."""

@@ -38,6 +38,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     PositiveInt,
     ValidationError,
     field_validator,
@@ -108,6 +109,26 @@ class SelectorSpec(_Strict):
         description="the selector's run pilots again at its own policy every this many iterations "
         "and may change class; None = one pick, at the initial policy",
     )
+    max_pilot_episodes: PositiveInt | None = Field(
+        default=None,
+        description="grow a pilot by pilot_episodes at a time while the full-return gradient's signal "
+        "to noise is below min_signal_to_noise, up to this many episodes; None = a fixed pilot",
+    )
+    min_signal_to_noise: PositiveFloat = Field(
+        default=1.0,
+        description="||mu_full||^2 over the noise of its pilot estimate below which a pilot grows "
+        "(with max_pilot_episodes): under ~1 the pilot cannot resolve the full gradient's direction",
+    )
+
+    @model_validator(mode="after")
+    def _pilot_growth(self) -> SelectorSpec:
+        top = self.max_pilot_episodes
+        if top is not None and not self.pilot_episodes <= top <= 10 * self.pilot_episodes:
+            raise ValueError(
+                f"selector.max_pilot_episodes ({top}) must be between pilot_episodes "
+                f"({self.pilot_episodes}) and 10 x pilot_episodes ({10 * self.pilot_episodes})"
+            )
+        return self
 
 
 class Suite(_Strict):
@@ -204,7 +225,9 @@ class Suite(_Strict):
         since the folder's first cells ran (recorded there) is a clash too, unless the suite's base
         pins the old value: cells of one table must not mix two code versions' settings."""
         now = self.model_dump(mode="json")
-        clashes = [k for k in ("eval_episodes", "selector") if recorded.get(k) != now[k]]
+        clashes = ["eval_episodes"] if recorded.get("eval_episodes") != now["eval_episodes"] else []
+        if _with_selector_defaults(recorded.get("selector")) != now["selector"]:
+            clashes.append("selector")  # a field added to SelectorSpec since is its default there
         if "defaults" in recorded and defaults is not None:
             before = {**recorded["defaults"], **recorded.get("base", {})}
             after = {**defaults, **now["base"]}
@@ -220,6 +243,12 @@ class Suite(_Strict):
         old, new = recorded.get("problems", {}), now["problems"]
         clashes += [f"problems.{k}" for k in set(old) & set(new) if not _extends_problem(old[k], new[k])]
         return sorted(clashes)
+
+
+def _with_selector_defaults(recorded: dict | None) -> dict | None:
+    if recorded is None:
+        return None
+    return {**SelectorSpec().model_dump(mode="json"), **recorded}
 
 
 def _extends_problem(old: dict, new: dict) -> bool:
