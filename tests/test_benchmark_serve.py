@@ -112,3 +112,25 @@ def test_serve_vs_vllm_stream_rows_are_ratios_to_the_vllm_server_of_the_same_loa
     text = stream.stream_markdown(rows, 32)
     assert "| 32 | ppg | 3 | 300 | 400 | 700 | 31.0 | 3.00x | 2.00x | 1.40x |" in text
     assert "`max_tokens` 32" in text
+
+
+def test_serve_profile_charges_each_sample_to_its_innermost_library():
+    """py-spy's collapsed stacks (outermost first, a count per line): a sample goes to the innermost
+    frame that names a known library, or to "other"; leaf functions are counted as they are."""
+    profile = load("serve_profile")
+    collapsed = "\n".join(
+        [
+            "<module> (ray/_private/workers/default_worker.py:1);run (asyncio/base_events.py:600);"
+            "chat_completions (ppg/serve/app.py:170);validate (pydantic/main.py:5) 6",
+            "_run (threading.py:1);step (ppg/serve/engine_loop.py:80);execute_model (vllm/v1/core.py:9) 3",
+            "_run (threading.py:1);sleep (time.py:1) 1",
+            "garbage line without a count",
+        ]
+    )
+    groups, leaves = profile.charge(collapsed)
+    assert groups == {
+        "pydantic (validation, serialization)": 6,
+        "vLLM engine (scheduler, model step, sampling)": 3,
+        profile.OTHER: 1,
+    }
+    assert leaves["validate (pydantic/main.py:5)"] == 6 and sum(leaves.values()) == 10
