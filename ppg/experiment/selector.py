@@ -251,18 +251,6 @@ def gradient_moments(
     return PilotGradients(moments, reference)
 
 
-def gradient_stats(
-    model,
-    episodes: list[Episode],
-    classes: Mapping[str, PolicyClass],
-    objective: Objective,
-    parameters: Iterable[torch.Tensor] | None = None,
-    reference: str | None = None,
-) -> dict[str, ClassGradientStats]:
-    """Per-class gradient variance and bias on the whole pilot batch (see ``gradient_moments``)."""
-    return gradient_moments(model, episodes, classes, objective, parameters, reference).stats()
-
-
 def select_class(stats: Mapping[str, ClassGradientStats], batch_size: int) -> str:
     """The class whose batch gradient is expected to point closest to the full-return gradient."""
     return max(stats, key=lambda label: stats[label].score(batch_size))
