@@ -66,11 +66,15 @@ def frame_group(frame: str) -> str | None:
     return None
 
 
-def charge(collapsed: str) -> tuple[Counter, Counter]:
-    """Samples per group (by the innermost frame that belongs to a group; else OTHER) and per
-    innermost function, from py-spy's raw (collapsed) output: ``frame;frame;... count`` per line,
-    outermost first."""
-    groups, leaves = Counter(), Counter()
+RAY_CORE = "Ray core (actor calls, gRPC, object store)"
+
+
+def charge(collapsed: str) -> tuple[Counter, Counter, Counter]:
+    """Samples per group (by the innermost frame that belongs to a group; else OTHER), per
+    innermost function, and, for Ray-core samples, per caller (the innermost frame outside Ray's
+    own code: who makes those actor calls), from py-spy's raw (collapsed) output:
+    ``frame;frame;... count`` per line, outermost first."""
+    groups, leaves, ray_callers = Counter(), Counter(), Counter()
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -79,7 +83,10 @@ def charge(collapsed: str) -> tuple[Counter, Counter]:
         group = next((g for g in map(frame_group, reversed(frames)) if g), OTHER)
         groups[group] += int(count)
         leaves[frames[-1]] += int(count)
-    return groups, leaves
+        if group == RAY_CORE:
+            caller = next((f for f in reversed(frames) if "ray/" not in f), "(Ray's own threads)")
+            ray_callers[caller] += int(count)
+    return groups, leaves, ray_callers
 
 
 def process_ids(marker: str) -> list[int]:
@@ -154,12 +161,13 @@ def run(args) -> dict:
             "processes": {},
         }
         for name in targets:
-            groups, leaves = charge((tmp / f"{name}.txt").read_text())
+            groups, leaves, ray_callers = charge((tmp / f"{name}.txt").read_text())
             total = sum(groups.values())
             result["processes"][name] = {
                 "samples": total,
                 "groups": {g: n / total for g, n in groups.most_common()},
                 "top_functions": [(f, n / total) for f, n in leaves.most_common(args.top)],
+                "ray_core_callers": [(f, n / total) for f, n in ray_callers.most_common(6)],
             }
         return result
     finally:
@@ -181,6 +189,8 @@ def markdown(result: dict, command: str) -> str:
         lines += [f"| {g} | {share:.1%} |" for g, share in p["groups"].items()]
         lines += ["", "| innermost function | share |", "|---|---:|"]
         lines += [f"| `{f[:110]}` | {share:.1%} |" for f, share in p["top_functions"]]
+        lines += ["", "| who makes the Ray-core calls (innermost frame outside Ray) | share |", "|---|---:|"]
+        lines += [f"| `{f[:110]}` | {share:.1%} |" for f, share in p["ray_core_callers"]]
         lines.append("")
     return "\n".join(lines)
 

@@ -127,10 +127,14 @@ def test_serve_profile_charges_each_sample_to_its_innermost_library():
             "garbage line without a count",
         ]
     )
-    groups, leaves = profile.charge(collapsed)
+    groups, leaves, ray_callers = profile.charge(collapsed)
     assert groups == {
         "pydantic (validation, serialization)": 6,
         "vLLM engine (scheduler, model step, sampling)": 3,
         profile.OTHER: 1,
     }
     assert leaves["validate (pydantic/main.py:5)"] == 6 and sum(leaves.values()) == 10
+    _, _, callers = profile.charge(
+        "poll (ppg/serve/app.py:9);remote (ray/actor.py:1) 4\nmain_loop (ray/_private/worker.py:1) 2"
+    )
+    assert callers == {"poll (ppg/serve/app.py:9)": 4, "(Ray's own threads)": 2}
