@@ -36,10 +36,9 @@ def reported_cosine(entry: dict, batch_size: int) -> float:
 def pick_trust(pilot: dict) -> str:
     """'SNR; agreement' of a pilot's pick: the full gradient's signal to noise (recorded since
     2026-12-01; for older pilots recomputed from the stored "full" entry) and the fold agreement."""
-    snr = pilot.get("full_signal_to_noise")
-    full = pilot["classes"].get("full")
-    if snr is None and full is not None and full["variance"] > 0:
-        snr = full["full_norm_sq"] / (full["variance"] / full["episodes"])
+    snr, full = pilot.get("full_signal_to_noise"), pilot["classes"].get("full")
+    if snr is None and full is not None:  # the reference's own variance is the full variance
+        snr = class_stats({**full, "full_variance": full["variance"]}).full_signal_to_noise()
     agreement, folds = pilot.get("pick_agreement"), pilot.get("folds")
     shown = f"{round(agreement * folds)}/{folds}" if agreement is not None and folds else "-"
     return f"{fmt(math.nan if snr is None else snr, 2)}; {shown}"
