@@ -94,7 +94,7 @@ def train(
 
     reference_path = resolve_model(config.model.name_or_path)  # the initial policy (KL anchor, tokenizer)
     policy_path = policy_path or reference_path
-    connect(dashboard=config.run.dashboard)
+    connect(dashboard=config.run.dashboard, serve_ingress=config.serve.ingress)
     version = 0
     if resume_from is not None:  # the workers serve the checkpoint's weights, as its version
         version = load_state(resume_from)[0]["policy_version"]

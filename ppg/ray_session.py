@@ -19,17 +19,24 @@ POOL_ACTOR = "ppg-rollout-pool"  # the RolloutPool (ppg/rollout/pool.py)
 CHAT_LLM_ACTOR = "ppg-chat-llm"  # the shared LLM partner/judge, when the config asks for one
 
 
-def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
+def connect(num_cpus: int | None = None, dashboard: bool = False, serve_ingress: str = "haproxy") -> None:
     """Join the cluster named by RAY_ADDRESS, else start a local one that listens on 127.0.0.1 only.
 
     ``dashboard`` (``run.dashboard``): the local cluster also starts the Ray dashboard, bound to
     127.0.0.1 like everything else, and its URL is printed. Off by default: it costs a few processes
-    and seconds that tests and short runs do not need. A joined cluster keeps its own dashboard."""
+    and seconds that tests and short runs do not need. A joined cluster keeps its own dashboard.
+    ``serve_ingress`` (``serve.ingress``): how a local cluster's Serve takes HTTP; Ray reads it from
+    the environment its processes start with, so it is decided here (``ppg/serve/ingress.py``)."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
         return
+    from ppg.serve.ingress import prepare_local_cluster
+
+    ingress = prepare_local_cluster(serve_ingress)
+    if ingress != serve_ingress:
+        print(f"[ppg] serve.ingress={serve_ingress} unavailable: serving through {ingress}", flush=True)
     # address="local": always a new cluster, never one a `ray start` left on this machine
     context = ray.init(
         address="local",

@@ -18,8 +18,11 @@ def ray_cluster():
     """A real local Ray cluster on loopback (127.0.0.1 only), shared by every test that needs one."""
     import ray
 
+    from ppg.serve.ingress import prepare_local_cluster
+
     started = not ray.is_initialized()
     if started:
+        prepare_local_cluster("haproxy")  # serve.ingress's default, as ppg's own connect() does
         ray.init(
             num_cpus=4, include_dashboard=False, log_to_driver=False
         )  # logical slots: 2 workers + an LLM actor

@@ -271,3 +271,24 @@ def test_unsupported_fields_are_refused_naming_them(client):
         **GREEDY, max_tokens=4, response_format={"type": "text"}, user="someone", presence_penalty=0.5
     )
     assert fine.choices[0].message.content
+
+
+def test_requests_come_through_haproxy_and_every_server_listens_on_loopback_only(server):
+    """serve.ingress=haproxy (the default, ppg/serve/ingress.py): the app's port is HAProxy's, and
+    no socket of it - stats page and Prometheus exporter included - nor of a replica listens
+    beyond 127.0.0.1."""
+    import psutil
+
+    port = int(server.rsplit(":", 1)[1])
+    listening = [c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid]
+    front = {psutil.Process(c.pid).name() for c in listening if c.laddr.port == port}
+    assert front == {"haproxy"}, front
+    assert httpx.get(server + "/healthz", timeout=10).status_code == 200
+    served = {
+        c.pid
+        for c in listening
+        if psutil.Process(c.pid).name() == "haproxy"
+        or "ServeRepli" in " ".join(psutil.Process(c.pid).cmdline())
+    }
+    exposed = [(c.laddr.ip, c.laddr.port) for c in listening if c.pid in served and c.laddr.ip != "127.0.0.1"]
+    assert not exposed, f"listening beyond loopback: {exposed}"

@@ -24,7 +24,7 @@ def start_server(settings: ServeSettings):
     return the ``DeploymentHandle`` (``handle.reload.remote(version, weights)``). Returns once a
     replica answers and has joined the version registry, so a ``publish_policy`` right after is
     not lost."""
-    connect()
+    connect(serve_ingress=settings.ingress)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     handle = serve.run(deployment(settings), name=settings.app_name, route_prefix="/")
     handle.policy_version.remote().result()
