@@ -135,13 +135,14 @@ def run(args) -> list[dict]:
     import ray
 
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
     from ppg.serve.service import start_server, stop_server
     from ppg.serve.settings import ServeSettings
 
     policy = resolve_model(args.model)
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False)
+        connect(num_cpus=4, serve_ingress="haproxy")
     settings = ServeSettings(
         checkpoint=policy,
         app_name="ppg-bench",

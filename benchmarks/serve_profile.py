@@ -118,13 +118,14 @@ def run(args) -> dict:
     import ray
 
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
     from ppg.serve.service import start_server, stop_server
     from ppg.serve.settings import ServeSettings
 
     policy = str(resolve_model(args.model))
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False)
+        connect(num_cpus=4, serve_ingress=args.ingress)
     settings = ServeSettings(
         checkpoint=policy, app_name="ppg-profile", port=free_port(), max_model_len=512,
         max_tokens_limit=args.max_tokens, max_batch_size=args.concurrency,
@@ -135,7 +136,10 @@ def run(args) -> dict:
         url = f"http://127.0.0.1:{settings.port}/v1"
         messages = chat_messages(args.requests)
         asyncio.run(clients(url, messages[:16], 8, args.max_tokens))  # warm the path
-        targets = {"replica": "ServeReplica:ppg-profile", "proxy": "ProxyActor"}
+        targets = {"replica": "ServeReplica:ppg-profile"}
+        if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") != "1":  # else the proxy is an idle fallback
+            targets["proxy"] = "ProxyActor"
+
         pids = {name: process_ids(marker) for name, marker in targets.items()}
         missing = [name for name, found in pids.items() if len(found) != 1]
         if missing:
@@ -225,6 +229,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--expected-rate", type=float, default=50.0, help="requests/s to size the recording within the load"
     )
     parser.add_argument("--top", type=int, default=12, help="innermost functions listed per process")
+    parser.add_argument(
+        "--ingress",
+        choices=["proxy", "haproxy"],
+        default="proxy",
+        help="serve.ingress of the cluster this starts; proxy (the default here) profiles Serve's "
+        "Python proxy too, haproxy (serve.ingress's default; HAProxy is C, not sampled) the replica only",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     result = run(args)

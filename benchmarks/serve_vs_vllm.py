@@ -3,12 +3,13 @@
 Same checkpoint (the embedded tiny policy), same chat prompts, same client (the ``openai`` package,
 ``AsyncOpenAI``), greedy, ``max_tokens`` 16, on 127.0.0.1:
 
-  ppg    ``ppg serve``'s app: Ray Serve proxy -> router -> one replica (1 CPU) whose engine loop
+  ppg    ``ppg serve``'s app: HAProxy (``--ingress haproxy``, serve.ingress's default) or Ray Serve's
+         proxy and router (``--ingress proxy``) -> one replica (1 CPU) whose engine loop
          steps an in-process ``vllm.LLM`` (continuous batching, ``serve.max_batch_size`` 32)
   vllm   ``python -m vllm.entrypoints.openai.api_server`` in a subprocess (its own API process and
          engine-core process), one OpenMP thread like the replica
   echo   a Ray Serve deployment that answers a fixed completion without any engine: Ray Serve's own
-         overhead (proxy, router, replica call, HTTP), measured apart
+         overhead (ingress, replica call, HTTP), measured apart, through the same ingress
   direct ``vllm.LLM.generate`` in this process on the same prompts, 32 at once: the engine alone
 
 Streamed too (unless ``--no-stream``): the same prompts with ``stream=True`` and ``--stream-max-tokens``
@@ -22,6 +23,7 @@ alternating rounds so a change in machine load hits all alike; ratios are agains
 in the same run. The machine's load average is recorded before and after.
 
     python benchmarks/serve_vs_vllm.py                 # ~4 min on 2 cores
+    python benchmarks/serve_vs_vllm.py --ingress proxy     # through Ray Serve's Python proxy
     python benchmarks/serve_vs_vllm.py --requests 64 --rounds 1 --no-stream      # quicker
 """
 
@@ -136,6 +138,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     import ray
 
     from ppg.models import resolve_model
+    from ppg.ray_session import connect
     from ppg.serve.service import start_server, stop_server
     from ppg.serve.settings import ServeSettings
 
@@ -143,7 +146,8 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
     load_before = os.getloadavg()
     started_ray = not ray.is_initialized()  # a caller's Ray (a test's) is left running
     if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False)
+        connect(num_cpus=4, serve_ingress=args.ingress)
+    ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
     vllm_port = free_port()
     log = Path(tempfile.mkdtemp(prefix="serve-vs-vllm-")) / "vllm_server.log"
     vllm_server = start_vllm_server(policy, vllm_port, args.max_model_len, log)
@@ -154,6 +158,7 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
         max_model_len=args.max_model_len,
         max_tokens_limit=max(args.max_tokens, args.stream_max_tokens, 1),
         max_batch_size=args.concurrency,
+        ingress=args.ingress,
     )
     samples: dict[tuple[str, int], tuple[list[float], float]] = {}
     streamed: dict[tuple[str, int], list] = {}  # (server, clients) -> serve_vs_vllm_stream.Sample
@@ -238,7 +243,12 @@ def run(args) -> tuple[list[dict], list[dict], dict]:
             }
         )
     add_ratios(rows)
-    machine = {"load_before": load_before, "load_after": os.getloadavg(), "cpus": os.cpu_count()}
+    machine = {
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "ingress": ingress,
+    }
     return rows, stream_rows(streamed) if streamed else [], machine
 
 
@@ -254,7 +264,8 @@ def add_ratios(rows: list[dict]) -> None:
 def markdown(rows: list[dict], machine: dict, command: str) -> str:
     lines = [
         f"`{command}`; load average before {machine['load_before'][0]:.1f}, after {machine['load_after'][0]:.1f} "
-        f"({machine['cpus']} CPUs, shared with other jobs)",
+        f"({machine['cpus']} CPUs, shared with other jobs); ppg and echo through "
+        f"{machine.get('ingress', 'proxy')} (serve.ingress)",
         "",
         "| clients | path | requests | p50 (ms) | p99 (ms) | requests/s | req/s vs vLLM server | p50 vs vLLM server | req/s vs direct |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -314,6 +325,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--stream-max-tokens", type=int, default=32, help="max_tokens of the streamed requests"
     )
     parser.add_argument("--no-stream", action="store_true", help="skip the streamed requests (quicker)")
+    parser.add_argument(
+        "--ingress",
+        choices=["haproxy", "proxy"],
+        default="haproxy",
+        help="serve.ingress of the Ray cluster this starts (HTTP to ppg and echo through HAProxy or "
+        "Ray Serve's proxy); a caller's running Ray keeps its own",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     command = "python benchmarks/serve_vs_vllm.py " + " ".join(
