@@ -48,6 +48,8 @@ KINDS = [
     ("train controller", r"^ray::TrainController"),
     ("serve controller", r"^ray::ServeController"),
     ("serve proxy", r"^ray::ProxyActor"),
+    ("serve HAProxy manager", r"^ray::HAProxyManager"),  # serve.ingress=haproxy (the default)
+    ("haproxy", r"(^|/)haproxy( |$)"),
     ("policy registry", r"^ray::PolicyRegistry"),
     ("ray idle worker", r"^ray::IDLE|default_worker\.py"),  # a worker process before its actor starts
     (
