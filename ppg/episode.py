@@ -8,6 +8,7 @@ system, persona and user tokens, and the template's role headers, are context.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,12 @@ class EpisodeBatch:
     group_ids: torch.Tensor  # [B] long
     policy_versions: torch.Tensor  # [B] long
     behaviour_logprobs: torch.Tensor | None = None  # [B, L] log-probs the sampler reported, if all have them
+
+    def to(self, device: torch.device | str) -> EpisodeBatch:
+        """The batch with every tensor on ``device``: collate builds it on the CPU, the learner's
+        model may live on a GPU."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return EpisodeBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
 
 
 def collate(episodes: list[Episode], pad_id: int = 0) -> EpisodeBatch:

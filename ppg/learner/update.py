@@ -86,7 +86,10 @@ class PolicyLearner:
         world_size: int = 1,
     ) -> None:
         self.model, self.objective, self.config = model, objective, config
-        self.reference = reference  # frozen initial policy, for the KL penalty
+        # Where the batch must go: collate builds it on the CPU; with learner.use_gpu the model
+        # (and the reference, built on the CPU by the learner worker) are on the GPU.
+        self.device = next(model.parameters()).device
+        self.reference = reference.to(self.device) if reference is not None else None  # KL anchor
         self.world_size = world_size
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -106,6 +109,7 @@ class PolicyLearner:
         which must not enter the update). None: every episode with log-probs is weighted.
         ``learner.algorithm=ppo``: ``ppo_epochs`` clipped steps against the weights before the first."""
         self.model.train()
+        shard, advantages = shard.to(self.device), advantages.to(self.device)
         lr = self.scheduler.get_last_lr()[0]
         counts = (global_episodes, global_agent_tokens)
         if self.config.algorithm == "ppo":
@@ -129,8 +133,8 @@ class PolicyLearner:
     def _logits(self, shard: EpisodeBatch, model: torch.nn.Module | None = None) -> Tensor:
         attention = shard.attention_mask.long()
         positions = (attention.cumsum(1) - 1).clamp(min=0)
-        device = "cuda" if self.config.use_gpu else "cpu"
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.config.precision == "bf16"):
+        enabled = self.config.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled):
             return (model or self.model)(
                 input_ids=shard.token_ids, attention_mask=attention, position_ids=positions
             ).logits
