@@ -10,7 +10,8 @@ HAProxy's fallback while no replica is ready.
 
 Ray reads these switches from the environment of its processes when they start, so ppg sets them
 before it starts a local cluster (``ppg.ray_session.connect``). A cluster ppg joins keeps its own:
-start it with the same variables (``cluster/start-local.sh`` does) or serve through its proxy.
+it serves through HAProxy only if its processes were started with these variables
+(``deploy/README.md``), else through Serve's proxy.
 
 What ppg changes beyond Ray's switches, and why:
 - HAProxy's stats page and Prometheus exporter get free ports (Ray's fixed 8404 and 9101 would
