@@ -56,11 +56,11 @@ GROUPS = (
 OTHER = "other (stdlib, threading, logging, ...)"
 
 
-def frame_group(frame: str) -> str | None:
+def frame_group(frame: str, group_markers=GROUPS) -> str | None:
     """The group of one collapsed-stack frame, ``function (path:line)``; None when no group names it."""
     path = frame[frame.rfind("(") + 1 :] if "(" in frame else frame
     path = path if path.startswith("/") else "/" + path  # py-spy shortens to the import path
-    for group, markers in GROUPS:
+    for group, markers in group_markers:
         if any(m in path for m in markers):
             return group
     return None
@@ -69,7 +69,7 @@ def frame_group(frame: str) -> str | None:
 RAY_CORE = "Ray core (actor calls, gRPC, object store)"
 
 
-def charge(collapsed: str) -> tuple[Counter, Counter, Counter]:
+def charge(collapsed: str, group_markers=GROUPS) -> tuple[Counter, Counter, Counter]:
     """Samples per group (by the innermost frame that belongs to a group; else OTHER), per
     innermost function, and, for Ray-core samples, per caller (the innermost frame outside Ray's
     own code: who makes those actor calls), from py-spy's raw (collapsed) output:
@@ -80,7 +80,7 @@ def charge(collapsed: str) -> tuple[Counter, Counter, Counter]:
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        group = next((g for g in map(frame_group, reversed(frames)) if g), OTHER)
+        group = next((g for g in (frame_group(f, group_markers) for f in reversed(frames)) if g), OTHER)
         groups[group] += int(count)
         leaves[frames[-1]] += int(count)
         if group == RAY_CORE:
@@ -199,7 +199,7 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,7 +212,7 @@ def plot(result: dict, path: Path) -> None:
         labels = list(groups)[::-1]
         ax.barh(labels, [100 * groups[g] for g in labels], color="tab:blue")
         ax.set_xlabel("% of samples")
-        ax.set_title(f"{name}: where the CPU goes ({result['concurrency']} clients)")
+        ax.set_title(f"{name}: where the CPU goes ({title or str(result['concurrency']) + ' clients'})")
     fig.tight_layout()
     atomic_save_figure(fig, path)
     plt.close(fig)
