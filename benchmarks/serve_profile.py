@@ -89,6 +89,18 @@ def charge(collapsed: str, group_markers=GROUPS) -> tuple[Counter, Counter, Coun
     return groups, leaves, ray_callers
 
 
+def summary(collapsed: str, top: int, group_markers=GROUPS) -> dict:
+    """One process's samples as shares: by group, by innermost function, by Ray-core caller."""
+    groups, leaves, ray_callers = charge(collapsed, group_markers)
+    total = sum(groups.values())
+    return {
+        "samples": total,
+        "groups": {g: n / total for g, n in groups.most_common()},
+        "top_functions": [(f, n / total) for f, n in leaves.most_common(top)],
+        "ray_core_callers": [(f, n / total) for f, n in ray_callers.most_common(6)],
+    }
+
+
 def process_ids(marker: str) -> list[int]:
     """PIDs whose command line (Ray's process title, e.g. ``ray::ServeReplica:app:deployment``)
     contains ``marker``."""
@@ -165,14 +177,7 @@ def run(args) -> dict:
             "processes": {},
         }
         for name in targets:
-            groups, leaves, ray_callers = charge((tmp / f"{name}.txt").read_text())
-            total = sum(groups.values())
-            result["processes"][name] = {
-                "samples": total,
-                "groups": {g: n / total for g, n in groups.most_common()},
-                "top_functions": [(f, n / total) for f, n in leaves.most_common(args.top)],
-                "ray_core_callers": [(f, n / total) for f, n in ray_callers.most_common(6)],
-            }
+            result["processes"][name] = summary((tmp / f"{name}.txt").read_text(), args.top)
         return result
     finally:
         stop_server(settings.app_name)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_profile import RAY_CORE, charge, plot, process_ids, record  # noqa: E402
+from serve_profile import RAY_CORE, plot, process_ids, record, summary  # noqa: E402
 
 from ppg.files import atomic_write_text  # noqa: E402
 
@@ -100,14 +100,7 @@ def run(args) -> dict:
             train.kill()
     result = {"iterations": iterations, "seconds": seconds, "rate_hz": args.rate, "processes": {}}
     for name in TARGETS:
-        groups, leaves, ray_callers = charge((out / f"{name}.txt").read_text(), GROUPS)
-        total = sum(groups.values())
-        result["processes"][name] = {
-            "samples": total,
-            "groups": {g: n / total for g, n in groups.most_common()},
-            "top_functions": [(f, n / total) for f, n in leaves.most_common(args.top)],
-            "ray_core_callers": [(f, n / total) for f, n in ray_callers.most_common(6)],
-        }
+        result["processes"][name] = summary((out / f"{name}.txt").read_text(), args.top, GROUPS)
     return result
 
 
