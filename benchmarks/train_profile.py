@@ -36,6 +36,8 @@ from ppg.files import atomic_write_text  # noqa: E402
 GROUPS = (
     ("vLLM engine (scheduler, model step, sampling)", ("/vllm/",)),
     ("torch (outside vLLM's frames)", ("/torch/",)),
+    ("transformers model code (learner's forward)", ("/transformers/models/", "/transformers/integrations/",
+                                                      "/transformers/modeling_", "/transformers/masking_")),
     ("chat template, tokenizer", ("/transformers/", "/tokenizers/", "/jinja2/")),
     ("ppg conversation loop, problems, judge", ("/ppg/env/",)),
     ("ppg rollout (engine wrapper, worker, pool)", ("/ppg/rollout/",)),
