@@ -55,8 +55,8 @@ class EpisodeBatch:
     def to(self, device: torch.device | str) -> EpisodeBatch:
         """The batch with every tensor on ``device``: collate builds it on the CPU, the learner's
         model may live on a GPU."""
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return EpisodeBatch(**{k: v.to(device) if v is not None else None for k, v in moved.items()})
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items() if v is not None})
 
 
 def collate(episodes: list[Episode], pad_id: int = 0) -> EpisodeBatch:
